@@ -1,0 +1,31 @@
+"""fgrad: PyTorch's autograd idioms as pure, jit-compiled JAX functions.
+
+``autograd.grad(y, l)`` → `grad_intermediates`; ``.backward()`` into ``.grad`` →
+`backward` with an explicit accumulator from `zero_grad`; ``retain_graph=True`` →
+`vjp_intermediates` (a pullback you can call again); ``create_graph=True`` and second
+derivatives → every fgrad result is differentiable, and `derivative`.
+"""
+
+from fgrad import models as models
+from fgrad._accumulate import backward as backward
+from fgrad._accumulate import zero_grad as zero_grad
+from fgrad._higher import derivative as derivative
+from fgrad._intermediates import grad_intermediates as grad_intermediates
+from fgrad._intermediates import intermediates as intermediates
+from fgrad._intermediates import value_and_grad_intermediates as value_and_grad_intermediates
+from fgrad._intermediates import vjp_intermediates as vjp_intermediates
+from fgrad._tap import tap as tap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backward",
+    "derivative",
+    "grad_intermediates",
+    "intermediates",
+    "models",
+    "tap",
+    "value_and_grad_intermediates",
+    "vjp_intermediates",
+    "zero_grad",
+]

@@ -1,0 +1,160 @@
+"""PyTorch's ``.grad`` as an explicit pytree: `zero_grad` and `backward`.
+
+In PyTorch ``loss.backward()`` adds into each leaf's ``.grad``, ``zero_grad()`` clears
+it, and a leaf with ``requires_grad=False`` keeps ``.grad = None``. In fgrad the
+accumulator is a pytree shaped like the parameters, ``None`` at frozen leaves, that the
+caller threads through: nothing is stored anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fgrad import _checks
+
+Trainable = Any  # None | bool | pytree of bools | Callable[[path, leaf], bool]
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _trainable_mask(params: Any, trainable: Trainable, caller: str) -> Any:
+    """A pytree of Python bools shaped like ``params``."""
+    if trainable is None or trainable is True or trainable is False:
+        flag = trainable is not False
+        return jax.tree.map(lambda _: flag, params)
+    if callable(trainable):
+
+        def decide(path, leaf):
+            keep = trainable(jax.tree_util.keystr(path), leaf)
+            if not isinstance(keep, bool):
+                raise TypeError(
+                    f"{caller}: the trainable predicate must return a Python bool for each "
+                    f"leaf, got {type(keep).__name__} for {jax.tree_util.keystr(path)}."
+                )
+            return keep
+
+        return jax.tree_util.tree_map_with_path(decide, params)
+    try:
+        mask = jax.tree.map(lambda m, _: m, trainable, params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{caller}: trainable must be None, a bool, a predicate f(path, leaf) -> bool, or "
+            f"a pytree of bools with the structure of params (a prefix is fine): {e}"
+        ) from None
+    for path, m in jax.tree_util.tree_leaves_with_path(mask):
+        if not isinstance(m, bool):
+            raise TypeError(
+                f"{caller}: trainable{jax.tree_util.keystr(path)} must be a Python bool, got "
+                f"{type(m).__name__}."
+            )
+    return mask
+
+
+def zero_grad(params: Any, trainable: Trainable = None) -> Any:
+    """A fresh gradient accumulator: zeros shaped like ``params``, ``None`` where frozen.
+
+    PyTorch: ``optimizer.zero_grad(set_to_none=False)``, with ``requires_grad=False``
+    leaves keeping ``.grad = None``.
+
+    Args:
+      params: a pytree of arrays.
+      trainable: which leaves take gradients. ``None`` or ``True``: all. A pytree of
+        Python bools with the structure of ``params`` (or a prefix of it), or a predicate
+        ``f(path, leaf) -> bool`` where ``path`` is the leaf's key string, e.g.
+        ``"['linear1.weight']"``.
+
+    Returns:
+      A pytree with the structure of ``params``: zeros of each trainable leaf's shape and
+      dtype, ``None`` at the others.
+
+    Examples:
+      >>> import fgrad
+      >>> p = fgrad.models.seed_params()
+      >>> g = fgrad.zero_grad(p, trainable=lambda path, _: "linear2" in path)
+      >>> g["linear1.weight"] is None, g["linear2.weight"]
+      (True, Array([[0.]], dtype=float32))
+    """
+    caller = "fgrad.zero_grad"
+    mask = _trainable_mask(params, trainable, caller)
+    trainable_params = jax.tree.map(lambda m, p: p if m else None, mask, params)
+    _checks.require_float_tree(trainable_params, caller, "trainable parameters")
+    return jax.tree.map(lambda m, p: jnp.zeros_like(p) if m else None, mask, params)
+
+
+def _check_grads(params: Any, grads: Any, caller: str) -> None:
+    where = _checks.first_structure_difference(params, grads, none_ok=True)
+    if where is not None:
+        raise ValueError(
+            f"{caller}: grads must have the structure and shapes of params (None at frozen "
+            f"leaves), but grads{where}. Make it with fgrad.zero_grad(params, trainable=...)."
+        )
+
+
+def backward(
+    fn: Callable,
+    params: Any,
+    *args: Any,
+    grads: Any = None,
+    has_aux: bool = False,
+) -> tuple[Any, Any]:
+    """``loss.backward()``: adds the gradient of scalar ``fn(params, *args)`` into ``grads``.
+
+    Args:
+      fn: ``fn(params, *args)`` returning a scalar (an array with one element), or
+        ``(scalar, aux)`` with ``has_aux=True``.
+      params: the parameters (PyTorch's leaves with ``requires_grad=True``).
+      *args: further arguments (inputs, targets); they get no gradient, as an input with
+        ``requires_grad=False`` gets ``.grad = None``.
+      grads: the accumulator, as made by `fgrad.zero_grad` or returned by an earlier
+        ``backward``: ``None`` at frozen leaves, which stay ``None``. ``None`` (the
+        default) starts from zeros for every leaf, as a first ``.backward()`` does.
+      has_aux: whether ``fn`` returns ``(scalar, aux)``.
+
+    Returns:
+      ``(value, grads)`` (``((value, aux), grads)`` with ``has_aux``): the loss and the
+      accumulator with this loss's gradient added.
+
+    Examples:
+      The notebook's ``f.backward(retain_graph=True); y.backward()``: grads accumulate.
+
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> p, x = fgrad.models.seed_params(), jnp.array([[4.0]])
+      >>> y = lambda p, x: fgrad.models.seed_net(p, x)[1]
+      >>> f = lambda p, x: fgrad.grad_intermediates(y, "l")(p, x)["l"]
+      >>> _, g = fgrad.backward(f, p, x, grads=fgrad.zero_grad(p))
+      >>> _, g = fgrad.backward(y, p, x, grads=g)
+      >>> g["linear1.weight"], g["linear2.weight"], g["linear2.bias"]
+      (Array([[512.]], dtype=float32), Array([[828.]], dtype=float32), Array([64.], dtype=float32))
+    """
+    caller = "fgrad.backward"
+    if grads is None:
+        grads = zero_grad(params)
+    else:
+        _check_grads(params, grads, caller)
+    _checks.require_float_tree(
+        jax.tree.map(lambda g, p: None if g is None else p, grads, params, is_leaf=_is_none),
+        caller,
+        "trainable parameters",
+    )
+
+    def scalar_fn(p):
+        out = fn(p, *args)
+        value, aux = _checks.split_aux(out, caller) if has_aux else (out, None)
+        y = _checks.scalar_output(value, caller, "backward() needs a scalar loss.")
+        return jnp.reshape(y, ()), (value, aux)
+
+    (_, (value, aux)), g = jax.value_and_grad(scalar_fn, has_aux=True)(params)
+    new = jax.tree.map(
+        lambda acc, d: None if acc is None else acc + d.astype(acc.dtype),
+        grads,
+        g,
+        is_leaf=_is_none,
+    )
+    return ((value, aux) if has_aux else value), new

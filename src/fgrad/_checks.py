@@ -1,0 +1,117 @@
+"""Argument checks shared by fgrad's public functions, with messages that say what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def is_float(x: Any) -> bool:
+    """Whether ``x`` (an array, a ShapeDtypeStruct or a Python number) is floating point."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float, complex)):
+        return isinstance(x, float)
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def require_float_tree(tree: Any, caller: str, what: str) -> None:
+    """Raises TypeError naming the first leaf of ``tree`` that is not floating point."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not is_float(leaf):
+            where = jax.tree_util.keystr(path) or "(the whole value)"
+            dtype = getattr(leaf, "dtype", type(leaf).__name__)
+            raise TypeError(
+                f"{caller}: {what} must be floating point to be differentiated, but leaf "
+                f"{where} has dtype {dtype}. Convert it first, e.g. x.astype(jnp.float32) "
+                "(PyTorch likewise refuses requires_grad on integer tensors)."
+            )
+
+
+def scalar_output(out: Any, caller: str, hint: str) -> jax.Array:
+    """Checks that ``out`` is one real floating-point number (any shape of size 1, as
+    PyTorch accepts for an implicit ``grad_outputs``) and returns it."""
+    leaves = jax.tree.leaves(out)
+    if len(leaves) != 1 or not hasattr(leaves[0], "shape"):
+        raise TypeError(
+            f"{caller}: the function must return a single scalar array, got "
+            f"{jax.tree.structure(out)}. {hint}"
+        )
+    (y,) = leaves
+    if y.size != 1:
+        raise TypeError(
+            f"{caller}: the function must return a scalar (an array with one element), got "
+            f"shape {tuple(y.shape)}. Reduce it first (e.g. .sum() or .mean()). {hint}"
+        )
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        raise TypeError(
+            f"{caller}: the function must return a real floating-point scalar, got dtype {y.dtype}."
+        )
+    return y
+
+
+def split_aux(out: Any, caller: str) -> tuple[Any, Any]:
+    """Splits ``(out, aux)`` returned by a ``has_aux=True`` function."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        got = f"a {type(out).__name__}"
+        if isinstance(out, (tuple, list)):
+            got += f" of length {len(out)}"
+        raise TypeError(
+            f"{caller}: with has_aux=True the function must return a pair (output, aux), "
+            f"got {got}."
+        )
+    return out[0], out[1]
+
+
+def normalize_argnums(argnums: int | Sequence[int], nargs: int, caller: str) -> tuple[int, ...]:
+    """``argnums`` as a tuple of non-negative indices into ``nargs`` positional args."""
+    single = isinstance(argnums, int)
+    nums = (argnums,) if single else tuple(argnums)
+    if not nums or not all(isinstance(i, int) and not isinstance(i, bool) for i in nums):
+        raise TypeError(
+            f"{caller}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}."
+        )
+    out = []
+    for i in nums:
+        j = i + nargs if i < 0 else i
+        if not 0 <= j < nargs:
+            raise ValueError(
+                f"{caller}: argnums={argnums!r} refers to argument {i}, but the function "
+                f"was called with {nargs} positional argument(s)."
+            )
+        out.append(j)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{caller}: argnums={argnums!r} names an argument twice.")
+    return tuple(out)
+
+
+def first_structure_difference(expected: Any, got: Any, *, none_ok: bool = False) -> str | None:
+    """Where pytree ``got`` first differs from ``expected`` in structure or leaf shape,
+    as a sentence fragment naming the path; None if they agree. With ``none_ok``, a
+    ``None`` in ``got`` may stand for any leaf of ``expected`` (a frozen parameter)."""
+    is_leaf = (lambda x: x is None) if none_ok else None
+    e_map = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    g_map = {
+        jax.tree_util.keystr(p): v
+        for p, v in jax.tree_util.tree_leaves_with_path(got, is_leaf=is_leaf)
+    }
+    for k in e_map:
+        if k not in g_map:
+            return f"{k} is missing"
+    for k in g_map:
+        if k not in e_map:
+            return f"{k} is not expected"
+    for k, ev in e_map.items():
+        gv = g_map[k]
+        if gv is None and none_ok:
+            continue
+        if jnp.shape(ev) != jnp.shape(gv):
+            return f"{k} has shape {jnp.shape(gv)}, expected {jnp.shape(ev)}"
+    try:  # same paths and shapes; the container types must agree as well
+        jax.tree.map(lambda *_: None, expected, got)
+    except (ValueError, TypeError):
+        return " has other container types than expected (e.g. a list where a tuple is)"
+    return None

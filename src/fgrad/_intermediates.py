@@ -1,0 +1,284 @@
+"""Values of, and gradients with respect to, tapped intermediates.
+
+PyTorch: ``autograd.grad(y, l)`` for a non-leaf ``l``, ``l.retain_grad()``, hooks.
+fgrad: the function names ``l`` with `fgrad.tap`; these transformations trace it once,
+add a zero perturbation at each requested tap and differentiate with respect to the
+perturbations, so every tap's gradient comes from one forward and one backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fgrad import _checks, _trace
+
+Names = str | Sequence[str] | None
+
+
+def _select(
+    sites: dict[str, _trace.Site], names: Names, caller: str, *, for_grad: bool
+) -> list[str]:
+    """The tap names to serve, checked against what the program holds."""
+    if names is None:
+        chosen = [n for n, s in sites.items() if s.differentiable or not for_grad]
+    else:
+        chosen = [names] if isinstance(names, str) else list(names)
+        bad = [n for n in chosen if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"{caller}: names must be strings, got {bad[0]!r}.")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"{caller}: names lists a tap twice: {chosen}.")
+        unknown = [n for n in chosen if n not in sites]
+        if unknown:
+            known = ", ".join(repr(n) for n in sites) or "none"
+            raise ValueError(
+                f"{caller}: no tap named {unknown[0]!r} was hit while tracing the function; "
+                f"its taps are: {known}. Mark the value with fgrad.tap({unknown[0]!r}, value) "
+                "inside the function, or pick one of those names."
+            )
+    for n in chosen:
+        site = sites[n]
+        if site.blocked:
+            raise ValueError(f"{caller}: tap {n!r} cannot be served: it is inside {site.blocked}.")
+        if site.count > 1:
+            raise ValueError(
+                f"{caller}: tap {n!r} is hit {site.count} times in one call (a layer or "
+                "function applied more than once?). Its gradient would be ambiguous: give each "
+                f"use its own name, e.g. fgrad.tap(f'{n}_{{i}}', x)."
+            )
+        if for_grad and not site.differentiable:
+            dtypes = sorted({str(s.dtype) for s in site.shapes})
+            raise TypeError(
+                f"{caller}: tap {n!r} holds {', '.join(dtypes)} values, which have no gradient. "
+                "Tap a floating-point value instead (e.g. the embedding, not the token ids)."
+            )
+    return chosen
+
+
+def _unflatten(sites: dict[str, _trace.Site], leaves_by_name: dict[str, Any]) -> dict[str, Any]:
+    return {n: jax.tree.unflatten(sites[n].tree, list(v)) for n, v in leaves_by_name.items()}
+
+
+def intermediates(fn: Callable, names: Names = None) -> Callable:
+    """Transforms ``fn`` to also return the values of its taps.
+
+    Args:
+      fn: a function whose body calls `fgrad.tap`.
+      names: a tap name or a sequence of names; ``None`` (default) means every tap.
+
+    Returns:
+      A function with ``fn``'s positional arguments returning ``(out, {name: value})``.
+      A tap inside a ``lax.scan`` reports its values stacked on a leading axis.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> params = fgrad.models.seed_params()
+      >>> (l, y), taps = fgrad.intermediates(fgrad.models.seed_net)(params, jnp.array([[4.0]]))
+      >>> taps["l"]
+      Array([[12.]], dtype=float32)
+    """
+    caller = "fgrad.intermediates"
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        traced = _trace.trace(fn, args)
+        chosen = _select(traced.sites, names, caller, for_grad=False)
+        outs, rec = _trace.run(
+            traced.jaxpr.jaxpr, traced.jaxpr.consts, jax.tree.leaves(args), {}, set(chosen)
+        )
+        return jax.tree.unflatten(traced.out_tree, outs), _unflatten(traced.sites, rec)
+
+    return wrapped
+
+
+def _vjp(fn, names, args, *, has_aux, argnums, caller):
+    """One forward pass of ``fn(*args)`` with zero perturbations at the chosen taps.
+
+    Returns ``(out, pullback, aux, sites)`` where ``pullback(ct)`` gives
+    ``({name: leaves}, arg_grads_or_None)``.
+    """
+    traced = _trace.trace(fn, args)
+    chosen = _select(traced.sites, names, caller, for_grad=True)
+    sites = traced.sites
+    zeros = {n: [jnp.zeros(s.shape, s.dtype) for s in sites[n].shapes] for n in chosen}
+    nums = None if argnums is None else _checks.normalize_argnums(argnums, len(args), caller)
+    diff_args = () if nums is None else tuple(args[i] for i in nums)
+    _checks.require_float_tree(diff_args, caller, "the arguments chosen by argnums")
+
+    def forward(perturb, diff):
+        full = list(args)
+        for i, a in zip(nums or (), diff, strict=True):
+            full[i] = a
+        outs, _ = _trace.run(
+            traced.jaxpr.jaxpr, traced.jaxpr.consts, jax.tree.leaves(tuple(full)), perturb, set()
+        )
+        out = jax.tree.unflatten(traced.out_tree, outs)
+        if has_aux:
+            return _checks.split_aux(out, caller)
+        return out, None
+
+    out, pullback, aux = jax.vjp(forward, zeros, diff_args, has_aux=True)
+
+    def pull(ct):
+        tap_leaves, arg_grads = pullback(ct)
+        taps = _unflatten(sites, tap_leaves)
+        if nums is None:
+            return taps
+        return taps, (arg_grads[0] if isinstance(argnums, int) else arg_grads)
+
+    return out, pull, aux
+
+
+def value_and_grad_intermediates(
+    fn: Callable,
+    names: Names = None,
+    *,
+    has_aux: bool = False,
+    argnums: int | Sequence[int] | None = None,
+) -> Callable:
+    """Transforms scalar ``fn`` to return its value and its gradient w.r.t. taps.
+
+    Args:
+      fn: a function returning a scalar (any array with one element, as PyTorch accepts
+        in ``autograd.grad``), or ``(scalar, aux)`` with ``has_aux=True``.
+      names: a tap name or a sequence of names; ``None`` (default) means every
+        floating-point tap.
+      has_aux: whether ``fn`` returns ``(scalar, aux)``.
+      argnums: also differentiate with respect to these positional arguments, in the same
+        backward pass (``l.retain_grad()`` followed by ``loss.backward()``).
+
+    Returns:
+      A function with ``fn``'s arguments returning ``(value, grads)``, or
+      ``((value, aux), grads)`` with ``has_aux``; ``grads`` is ``{name: gradient}``, or
+      ``({name: gradient}, arg_grads)`` when ``argnums`` is given.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> net = lambda p, x: fgrad.models.seed_net(p, x)[1]
+      >>> p, x = fgrad.models.seed_params(), jnp.array([[4.0]])
+      >>> y, g = fgrad.value_and_grad_intermediates(net)(p, x)
+      >>> y, g["l"]
+      (Array([[900.]], dtype=float32), Array([[120.]], dtype=float32))
+    """
+    caller = "fgrad.value_and_grad_intermediates"
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        out, pull, aux = _vjp(fn, names, args, has_aux=has_aux, argnums=argnums, caller=caller)
+        y = _checks.scalar_output(
+            out, caller, "For a non-scalar output use fgrad.vjp_intermediates with a cotangent."
+        )
+        grads = pull(jnp.ones_like(y))
+        return ((out, aux) if has_aux else out), grads
+
+    return wrapped
+
+
+def grad_intermediates(
+    fn: Callable,
+    names: Names = None,
+    *,
+    has_aux: bool = False,
+    argnums: int | Sequence[int] | None = None,
+) -> Callable:
+    """Transforms scalar ``fn`` to return its gradient w.r.t. its taps: ``autograd.grad(y, l)``.
+
+    Every requested tap's gradient comes from one forward and one backward pass. The
+    result is differentiable (PyTorch's ``create_graph=True`` is always on), so a loss may
+    contain it.
+
+    Args:
+      fn: a function returning a scalar (any array with one element, as PyTorch accepts
+        in ``autograd.grad``), or ``(scalar, aux)`` with ``has_aux=True``.
+      names: a tap name or a sequence of names; ``None`` (default) means every
+        floating-point tap.
+      has_aux: whether ``fn`` returns ``(scalar, aux)``.
+      argnums: also differentiate with respect to these positional arguments.
+
+    Returns:
+      A function with ``fn``'s arguments returning ``{name: gradient}`` (each shaped like
+      the tapped value; stacked on a leading axis for a tap inside ``lax.scan``),
+      ``({name: gradient}, arg_grads)`` when ``argnums`` is given, and ``(grads, aux)``
+      with ``has_aux``.
+
+    Examples:
+      The seed notebook's ``autograd.grad(outputs=y, inputs=l)``:
+
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> net = lambda p, x: fgrad.models.seed_net(p, x)[1]
+      >>> fgrad.grad_intermediates(net, "l")(fgrad.models.seed_params(), jnp.array([[4.0]]))
+      {'l': Array([[120.]], dtype=float32)}
+    """
+    vg = value_and_grad_intermediates(fn, names, has_aux=has_aux, argnums=argnums)
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        (value, grads) = vg(*args)
+        return (grads, value[1]) if has_aux else grads
+
+    return wrapped
+
+
+def vjp_intermediates(
+    fn: Callable,
+    names: Names = None,
+    *,
+    has_aux: bool = False,
+    argnums: int | Sequence[int] | None = None,
+) -> Callable:
+    """Transforms ``fn`` to return its output and a reusable pullback to its taps.
+
+    This is ``retain_graph=True``, always: the pullback is a pure function that can be
+    called any number of times, with any cotangent, and differentiated again.
+
+    Args:
+      fn: any function of arrays whose body calls `fgrad.tap`; its output need not be
+        a scalar.
+      names: a tap name or a sequence of names; ``None`` (default) means every
+        floating-point tap.
+      has_aux: whether ``fn`` returns ``(output, aux)``; the aux is not differentiated.
+      argnums: the pullback also returns the gradient w.r.t. these positional arguments.
+
+    Returns:
+      A function with ``fn``'s arguments returning ``(out, pullback)``, or
+      ``(out, pullback, aux)`` with ``has_aux``. ``pullback(ct)`` takes a cotangent shaped
+      like ``out`` (PyTorch's ``grad_outputs``) and returns ``{name: gradient}``, or
+      ``({name: gradient}, arg_grads)`` with ``argnums``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> net = lambda p, x: fgrad.models.seed_net(p, x)[1]
+      >>> y, pullback = fgrad.vjp_intermediates(net, argnums=0)(
+      ...     fgrad.models.seed_params(), jnp.array([[4.0]]))
+      >>> taps, params_grad = pullback(jnp.ones_like(y))
+      >>> taps2, _ = pullback(jnp.ones_like(y))  # a second backward is fine
+      >>> taps["l"], taps2["l"], params_grad["linear2.bias"]
+      (Array([[120.]], dtype=float32), Array([[120.]], dtype=float32), Array([60.], dtype=float32))
+    """
+    caller = "fgrad.vjp_intermediates"
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        out, pull, aux = _vjp(fn, names, args, has_aux=has_aux, argnums=argnums, caller=caller)
+
+        def pullback(ct):
+            diff = _checks.first_structure_difference(out, ct)
+            if diff is not None:
+                raise ValueError(
+                    f"{caller}: the cotangent must have the structure and shapes of the "
+                    f"function's output, but cotangent{diff}."
+                )
+            return pull(ct)
+
+        return (out, pullback, aux) if has_aux else (out, pullback)
+
+    return wrapped

@@ -1,0 +1,112 @@
+"""`tap`: an identity that names an intermediate value.
+
+`tap` binds a JAX primitive, ``fgrad_tap``, so the name survives into every traced
+program, sub-programs (``jit``, ``scan``, ``checkpoint``) included. fgrad's
+transformations (`fgrad.intermediates`, `fgrad.grad_intermediates`, ...) find the taps
+in the traced program and read or perturb them; everywhere else the primitive is the
+identity: it lowers to nothing, and differentiates, batches and Taylor-expands as the
+identity, so a tapped model compiles to exactly the same XLA program as an untapped one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import jax
+from jax.experimental import jet
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+T = TypeVar("T")
+
+tap_p = Primitive("fgrad_tap")
+tap_p.multiple_results = True
+
+
+def _tap_impl(*leaves, name, tree):
+    del name, tree
+    return list(leaves)
+
+
+def _tap_abstract_eval(*avals, name, tree):
+    del name, tree
+    return list(avals)
+
+
+def _tap_lowering(ctx, *leaves, name, tree):
+    del ctx, name, tree
+    return list(leaves)
+
+
+def _tap_jvp(primals, tangents, *, name, tree):
+    # The tangent passes through untouched: a tap never changes a derivative.
+    return tap_p.bind(*primals, name=name, tree=tree), list(tangents)
+
+
+def _tap_transpose(cts, *leaves, name, tree):
+    # Only reached if a tap is applied to a linear (tangent) value: still the identity.
+    del leaves, name, tree
+    return list(cts)
+
+
+def _tap_jet(primals, series, *, name, tree):
+    return tap_p.bind(*primals, name=name, tree=tree), list(series)
+
+
+def _tap_batch(args, dims, *, name, tree):
+    return tap_p.bind(*args, name=name, tree=tree), list(dims)
+
+
+tap_p.def_impl(_tap_impl)
+tap_p.def_abstract_eval(_tap_abstract_eval)
+mlir.register_lowering(tap_p, _tap_lowering)
+ad.primitive_jvps[tap_p] = _tap_jvp
+ad.primitive_transposes[tap_p] = _tap_transpose
+batching.primitive_batchers[tap_p] = _tap_batch
+jet.jet_rules[tap_p] = _tap_jet
+
+
+def tap(name: str, x: T) -> T:
+    """Names an intermediate value so fgrad can read it or differentiate with respect to it.
+
+    ``tap(name, x)`` returns ``x`` unchanged. It is PyTorch's ``l.retain_grad()`` (or
+    keeping a handle on ``l`` to call ``autograd.grad(y, l)``) made pure: under
+    `fgrad.intermediates` the tap's value is returned, under `fgrad.grad_intermediates`
+    the gradient of the output with respect to it. Outside those transformations it costs
+    nothing: it compiles to no operation at all.
+
+    Args:
+      name: the name the value is reported under. A name may be used once per call of the
+        function being transformed.
+      x: an array or a pytree of arrays.
+
+    Returns:
+      ``x``, unchanged.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> def f(w, x):
+      ...     h = fgrad.tap("h", w * x)
+      ...     return (h ** 2).sum()
+      >>> fgrad.grad_intermediates(f)(3.0, jnp.array([1.0, 2.0]))
+      {'h': Array([ 6., 12.], dtype=float32)}
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"fgrad.tap: name must be a non-empty string, got {name!r}.")
+    leaves, tree = jax.tree.flatten(x)
+    if not leaves:
+        return x
+    try:
+        out = tap_p.bind(*leaves, name=name, tree=tree)
+    except TypeError as e:
+        kinds = sorted({type(leaf).__name__ for leaf in leaves})
+        raise TypeError(
+            f"fgrad.tap({name!r}, ...): every leaf must be an array or a number, got {kinds}."
+        ) from e
+    return jax.tree.unflatten(tree, out)
+
+
+def is_tap(eqn: Any) -> bool:
+    """Whether a jaxpr equation is a tap."""
+    return eqn.primitive is tap_p
