@@ -40,20 +40,19 @@ def _trainable_mask(params: Any, trainable: Trainable, caller: str) -> Any:
             return keep
 
         return jax.tree_util.tree_map_with_path(decide, params)
-    try:
-        mask = jax.tree.map(lambda m, _: m, trainable, params)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"{caller}: trainable must be None, a bool, a predicate f(path, leaf) -> bool, or "
-            f"a pytree of bools with the structure of params (a prefix is fine): {e}"
-        ) from None
-    for path, m in jax.tree_util.tree_leaves_with_path(mask):
+    for path, m in jax.tree_util.tree_leaves_with_path(trainable):
         if not isinstance(m, bool):
             raise TypeError(
                 f"{caller}: trainable{jax.tree_util.keystr(path)} must be a Python bool, got "
                 f"{type(m).__name__}."
             )
-    return mask
+    try:  # broadcast each bool of the (prefix) tree over its subtree of params
+        return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), trainable, params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{caller}: trainable must be None, a bool, a predicate f(path, leaf) -> bool, or "
+            f"a pytree of bools with the structure of params (or a prefix of it): {e}"
+        ) from None
 
 
 def zero_grad(params: Any, trainable: Trainable = None) -> Any:

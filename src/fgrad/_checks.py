@@ -60,8 +60,7 @@ def split_aux(out: Any, caller: str) -> tuple[Any, Any]:
         if isinstance(out, (tuple, list)):
             got += f" of length {len(out)}"
         raise TypeError(
-            f"{caller}: with has_aux=True the function must return a pair (output, aux), "
-            f"got {got}."
+            f"{caller}: with has_aux=True the function must return a pair (output, aux), got {got}."
         )
     return out[0], out[1]
 
