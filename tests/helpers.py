@@ -1,0 +1,51 @@
+"""Tree-aware comparisons with dtype-based tolerances, and PyTorch conversions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+RTOL = {np.dtype("float64"): 1e-12, np.dtype("float32"): 1e-5, np.dtype("float16"): 1e-2}
+ATOL = {np.dtype("float64"): 1e-12, np.dtype("float32"): 1e-6, np.dtype("float16"): 1e-3}
+
+
+def to_numpy(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def assert_tree_allclose(actual, expected, *, rtol=None, atol=None):
+    """Every leaf of ``actual`` equals ``expected`` (same structure) within tolerance;
+    leaves may be JAX arrays, NumPy arrays, torch tensors or numbers."""
+    is_leaf = lambda x: x is None or isinstance(x, torch.Tensor)
+    a_leaves, a_tree = jax.tree.flatten(actual, is_leaf=is_leaf)
+    # Leaves of ``expected`` may be nested lists of numbers: flatten only down to ``actual``.
+    e_leaves = a_tree.flatten_up_to(expected)
+    for i, (a, e) in enumerate(zip(a_leaves, e_leaves, strict=True)):
+        if a is None or e is None:
+            assert a is None and e is None, f"leaf {i}: {a!r} vs {e!r}"
+            continue
+        a, e = to_numpy(a), to_numpy(e).astype(to_numpy(a).dtype)
+        assert a.shape == e.shape, f"leaf {i}: shape {a.shape} vs {e.shape}"
+        dt = np.result_type(a.dtype, np.float32)
+        np.testing.assert_allclose(
+            a,
+            e,
+            rtol=RTOL.get(dt, 1e-5) if rtol is None else rtol,
+            atol=ATOL.get(dt, 1e-6) if atol is None else atol,
+            err_msg=f"leaf {i}",
+        )
+
+
+def from_torch(t: torch.Tensor) -> jax.Array:
+    return jnp.asarray(t.detach().cpu().numpy())
+
+
+def torch_seed_net():
+    """The notebook's Net, built exactly as in its In[3]."""
+    from fgrad._reproduce._torch_side import Net
+
+    return Net()

@@ -1,0 +1,130 @@
+"""zero_grad and backward: PyTorch's .grad accumulation, checked against PyTorch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+from helpers import assert_tree_allclose, torch_seed_net
+
+import fgrad
+from fgrad.models import seed_net, seed_params
+
+Z = jnp.array([[4.0]])
+y_fn = lambda p, z: seed_net(p, z)[1]
+f_fn = lambda p, z: fgrad.grad_intermediates(y_fn, "l")(p, z)["l"]
+
+
+def torch_grads(net):
+    return {
+        "linear1.weight": net.linear1.weight.grad,
+        "linear2.weight": net.linear2.weight.grad,
+        "linear2.bias": net.linear2.bias.grad,
+    }
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_backward_matches_torch_backward(jit):
+    net = torch_seed_net()
+    z = torch.tensor([[4.0]])
+    _, y = net(z)
+    y.backward()
+    bw = functools.partial(fgrad.backward, y_fn)
+    bw = jax.jit(bw) if jit else bw
+    value, grads = bw(seed_params(), Z, grads=fgrad.zero_grad(seed_params()))
+    assert float(value[0, 0]) == 900.0
+    assert_tree_allclose(grads, torch_grads(net))
+    assert z.grad is None
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_accumulation_f_then_y_matches_torch(jit):
+    """In[46]: f.backward(retain_graph=True); y.backward() -> 512, 828, 64."""
+    net = torch_seed_net()
+    l, y = net(torch.tensor([[4.0]]))
+    (f,) = torch.autograd.grad(y, l, create_graph=True)
+    f.backward(retain_graph=True)
+    y.backward()
+
+    def both(p, z, g):
+        _, g = fgrad.backward(f_fn, p, z, grads=g)
+        return fgrad.backward(y_fn, p, z, grads=g)[1]
+
+    both = jax.jit(both, donate_argnums=2) if jit else both
+    grads = both(seed_params(), Z, fgrad.zero_grad(seed_params()))
+    assert_tree_allclose(grads, torch_grads(net))
+    assert_tree_allclose(
+        grads, {"linear1.weight": [[512.0]], "linear2.weight": [[828.0]], "linear2.bias": [64.0]}
+    )
+
+
+def test_frozen_leaves_stay_none_like_requires_grad_false():
+    net = torch_seed_net()
+    net.linear1.weight.requires_grad_(False)
+    l, y = net(torch.tensor([[4.0]]))
+    y.backward()
+    p = seed_params()
+    for trainable in (
+        {"linear1.weight": False, "linear2.weight": True, "linear2.bias": True},
+        lambda path, leaf: "linear1" not in path,
+    ):
+        g0 = fgrad.zero_grad(p, trainable=trainable)
+        assert g0["linear1.weight"] is None
+        _, g = jax.jit(functools.partial(fgrad.backward, y_fn))(p, Z, grads=g0)
+        _, g = fgrad.backward(y_fn, p, Z, grads=g)
+        expected = {k: None if v is None else 2 * v for k, v in torch_grads(net).items()}
+        assert_tree_allclose(g, expected)
+
+
+def test_zero_grad_shapes_dtypes_and_prefix_mask():
+    p = {"a": jnp.ones((2, 3), jnp.float16), "b": {"c": jnp.ones(4), "d": jnp.ones(())}}
+    g = fgrad.zero_grad(p, trainable={"a": True, "b": False})
+    assert g["a"].dtype == jnp.float16 and g["a"].shape == (2, 3) and not g["a"].any()
+    assert g["b"] == {"c": None, "d": None}
+    assert fgrad.zero_grad(p, trainable=False) == {"a": None, "b": {"c": None, "d": None}}
+
+
+def test_has_aux():
+    def loss(p, z):
+        l, y = seed_net(p, z)
+        return jnp.sum(y), l
+
+    (value, aux), g = fgrad.backward(loss, seed_params(), Z, has_aux=True)
+    assert float(value) == 900.0 and float(aux[0, 0]) == 12.0
+    assert float(g["linear2.bias"][0]) == 60.0
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_zero_grad_errors():
+    p = seed_params()
+    with pytest.raises(TypeError, match=r"trainable\['linear1.weight'\] must be a Python bool"):
+        fgrad.zero_grad(
+            p, trainable={"linear1.weight": 1, "linear2.weight": True, "linear2.bias": True}
+        )
+    with pytest.raises(ValueError, match="pytree of bools with the structure of params"):
+        fgrad.zero_grad(p, trainable={"other": True})
+    with pytest.raises(TypeError, match="predicate must return a Python bool"):
+        fgrad.zero_grad(p, trainable=lambda path, leaf: "yes")
+    with pytest.raises(TypeError, match=r"leaf \['n'\] has dtype int32"):
+        fgrad.zero_grad({"n": jnp.arange(3)})
+
+
+def test_backward_errors():
+    p = seed_params()
+    with pytest.raises(TypeError, match=r"must return a scalar .*shape \(2, 1\)"):
+        fgrad.backward(y_fn, p, jnp.ones((2, 1)))
+    bad = {"linear1.weight": jnp.zeros((1, 1)), "linear2.weight": jnp.zeros((1, 1))}
+    with pytest.raises(ValueError, match=r"grads\['linear2.bias'\] is missing"):
+        fgrad.backward(y_fn, p, Z, grads=bad)
+    bad = {**fgrad.zero_grad(p), "linear2.bias": jnp.zeros((2,))}
+    with pytest.raises(
+        ValueError, match=r"grads\['linear2.bias'\] has shape \(2,\), expected \(1,\)"
+    ):
+        fgrad.backward(y_fn, p, Z, grads=bad)
+    with pytest.raises(TypeError, match="must return a pair"):
+        fgrad.backward(y_fn, p, Z, has_aux=True)
+    with pytest.raises(TypeError, match=r"leaf \['n'\] has dtype int32"):
+        fgrad.backward(lambda q, z: jnp.sum(q["x"]), {"x": jnp.ones(2), "n": jnp.arange(2)}, Z)

@@ -1,0 +1,125 @@
+"""fgrad.derivative: nested and Taylor mode against PyTorch and closed forms."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import assert_tree_allclose, torch_seed_net
+
+import fgrad
+from fgrad.models import seed_net, seed_params
+
+Z = jnp.array([[4.0]])
+
+
+def y_of_w1(w1):
+    return seed_net({**seed_params(), "linear1.weight": w1}, Z)[1]
+
+
+@pytest.mark.parametrize("method", ["nested", "taylor", "auto"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_seed_second_derivative_matches_torch(method, jit):
+    """In[43]: y'(w1) = 480 and y''(w1) = 128."""
+    net = torch_seed_net()
+    _, y = net(torch.tensor([[4.0]]))
+    (d1,) = torch.autograd.grad(y, net.linear1.weight, create_graph=True)
+    (d2,) = torch.autograd.grad(d1, net.linear1.weight)
+    w1 = seed_params()["linear1.weight"]
+    for order, expected, value in ((1, d1, 480.0), (2, d2, 128.0)):
+        d = fgrad.derivative(y_of_w1, order, method=method)
+        got = (jax.jit(d) if jit else d)(w1)
+        assert_tree_allclose(got, expected)
+        # Nested reverse mode is exact here; Taylor mode's series arithmetic rounds (float32).
+        assert float(got[0, 0]) == pytest.approx(value, rel=0 if method == "nested" else 1e-6)
+
+
+# Closed forms of the k-th derivative at x.
+CLOSED = {
+    "sin": (jnp.sin, lambda k, x: math.sin(x + k * math.pi / 2)),
+    "exp": (lambda x: jnp.exp(2.0 * x), lambda k, x: 2.0**k * math.exp(2.0 * x)),
+    "sin_exp": (
+        lambda x: jnp.sin(x) * jnp.exp(x),  # Im((1+i)^k e^{(1+i)x})
+        lambda k, x: 2 ** (k / 2) * math.exp(x) * math.sin(x + k * math.pi / 4),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED))
+@pytest.mark.parametrize("order", [0, 1, 3, 8])
+def test_closed_forms_to_order_8(name, order):
+    f, dk = CLOSED[name]
+    x = 0.3
+    expected = dk(order, x)
+    with jax.enable_x64(True):
+        for method in ("nested", "taylor"):
+            got = fgrad.derivative(f, order, method=method)(jnp.float64(x))
+            np.testing.assert_allclose(float(got), expected, rtol=1e-10, err_msg=method)
+
+
+def test_tanh_taylor_matches_nested_elementwise():
+    """tanh has no simple closed form at order 8: Taylor and nested reverse mode agree, and
+    order 2 equals the closed form -2 tanh sech²."""
+    x = jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float32)
+    with jax.enable_x64(True):
+        x64 = x.astype(jnp.float64)
+        for k in (2, 5, 8):
+            t = fgrad.derivative(jnp.tanh, k, method="taylor")(x64)
+            n = fgrad.derivative(jnp.tanh, k, method="nested")(x64)
+            assert_tree_allclose(t, n, rtol=1e-9, atol=1e-9)
+        closed = -2 * jnp.tanh(x64) / jnp.cosh(x64) ** 2
+        assert_tree_allclose(fgrad.derivative(jnp.tanh, 2)(x64), closed)
+
+
+def test_matches_torch_nested_autograd_on_arrays():
+    """On an array argument each order differentiates the sum, as nested autograd.grad does."""
+    x = np.linspace(-1.0, 1.0, 4).astype(np.float32)
+    f_t = lambda t: (t**3).sum() * torch.sin(t)
+    t = torch.tensor(x, requires_grad=True)
+    (d1,) = torch.autograd.grad(f_t(t).sum(), t, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), t)
+    f_j = lambda v: jnp.sum(v**3) * jnp.sin(v)
+    assert_tree_allclose(fgrad.derivative(f_j, 1)(jnp.asarray(x)), d1)
+    assert_tree_allclose(fgrad.derivative(f_j, 2)(jnp.asarray(x)), d2)
+
+
+def test_argnums_and_mixed_partials():
+    f = lambda a, b: a**2 * b**3
+    assert float(fgrad.derivative(f, 2, argnums=1)(2.0, 3.0)) == pytest.approx(4.0 * 18.0)
+    mixed = fgrad.derivative(fgrad.derivative(f, argnums=0), argnums=1)
+    assert float(mixed(2.0, 3.0)) == pytest.approx(2 * 2.0 * 3 * 9.0)
+
+
+def test_auto_picks_taylor_only_where_it_applies():
+    x = jnp.float32(0.4)
+    # relu is a custom_jvp function: jet has no rule for it, auto falls back to nested.
+    f = lambda v: jax.nn.relu(v) ** 4
+    assert float(fgrad.derivative(f, 3)(x)) == pytest.approx(24 * 0.4, rel=1e-5)
+    with pytest.raises(NotImplementedError, match="no rule for.*custom_jvp_call"):
+        fgrad.derivative(f, 3, method="taylor")(x)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_errors():
+    with pytest.raises(TypeError, match=r"argument 0 must be floating point.*int32"):
+        fgrad.derivative(jnp.sin, 2)(jnp.int32(3))
+    with pytest.raises(TypeError, match="argument 0 must be floating point"):
+        fgrad.derivative(jnp.sin, 2)(3)
+    with pytest.raises(ValueError, match="order must be >= 0"):
+        fgrad.derivative(jnp.sin, -1)
+    with pytest.raises(TypeError, match="order must be an int"):
+        fgrad.derivative(jnp.sin, 1.5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        fgrad.derivative(jnp.sin, 2, method="forward")
+    with pytest.raises(TypeError, match="nest: derivative"):
+        fgrad.derivative(jnp.sin, 2, argnums=(0, 1))
+    with pytest.raises(ValueError, match="refers to argument 1"):
+        fgrad.derivative(jnp.sin, 2, argnums=1)(1.0)
+    with pytest.raises(TypeError, match="f must return one floating-point array"):
+        fgrad.derivative(lambda x: (x, x), 1)(1.0)
+    with pytest.raises(ValueError, match="method='taylor' needs an argument with one element"):
+        fgrad.derivative(lambda v: jnp.sum(v**2), 2, method="taylor")(jnp.ones(3))
