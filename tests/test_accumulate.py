@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 import torch
-from helpers import assert_tree_allclose, torch_seed_net
 
 import fgrad
 from fgrad.models import seed_net, seed_params
+from helpers import assert_tree_allclose, torch_seed_net
 
 Z = jnp.array([[4.0]])
 y_fn = lambda p, z: seed_net(p, z)[1]
@@ -62,7 +62,7 @@ def test_accumulation_f_then_y_matches_torch(jit):
 def test_frozen_leaves_stay_none_like_requires_grad_false():
     net = torch_seed_net()
     net.linear1.weight.requires_grad_(False)
-    l, y = net(torch.tensor([[4.0]]))
+    _, y = net(torch.tensor([[4.0]]))
     y.backward()
     p = seed_params()
     for trainable in (

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import assert_tree_allclose, torch_seed_net
 
 import fgrad
 from fgrad.models import seed_net, seed_params
+from helpers import assert_tree_allclose, torch_seed_net
 
 Z = jnp.array([[4.0]])
 
@@ -97,7 +97,7 @@ def test_auto_picks_taylor_only_where_it_applies():
     # relu is a custom_jvp function: jet has no rule for it, auto falls back to nested.
     f = lambda v: jax.nn.relu(v) ** 4
     assert float(fgrad.derivative(f, 3)(x)) == pytest.approx(24 * 0.4, rel=1e-5)
-    with pytest.raises(NotImplementedError, match="no rule for.*custom_jvp_call"):
+    with pytest.raises(NotImplementedError, match=r"no rule for.*custom_jvp_call"):
         fgrad.derivative(f, 3, method="taylor")(x)
 
 

@@ -1,14 +1,16 @@
 """Values of and gradients w.r.t. tapped intermediates, checked against PyTorch."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import assert_tree_allclose, from_torch, torch_seed_net
 
 import fgrad
 from fgrad.models import seed_net, seed_params
+from helpers import assert_tree_allclose, from_torch, torch_seed_net
 
 Z = jnp.array([[4.0]])
 
@@ -24,7 +26,7 @@ SIZES = (3, 8, 8, 8, 2)
 
 def make_mlp(seed=0):
     g = torch.Generator().manual_seed(seed)
-    layers = [torch.nn.Linear(a, b) for a, b in zip(SIZES[:-1], SIZES[1:], strict=True)]
+    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(SIZES)]
     for lin in layers:
         torch.nn.init.normal_(lin.weight, generator=g)
         torch.nn.init.normal_(lin.bias, generator=g)
@@ -260,8 +262,10 @@ def test_has_aux():
     assert_tree_allclose((grads, aux), ({"l": [[120.0]]}, {"l": [[12.0]]}))
     (value, aux2), grads2 = fgrad.value_and_grad_intermediates(f, has_aux=True)(seed_params(), Z)
     assert float(value) == 900.0
+    assert_tree_allclose((grads2, aux2), (grads, aux))
     out, pullback, aux3 = fgrad.vjp_intermediates(f, has_aux=True)(seed_params(), Z)
-    assert_tree_allclose(pullback(jnp.float32(1.0)), {"l": [[120.0]]})
+    assert float(out) == 900.0
+    assert_tree_allclose((pullback(jnp.float32(1.0)), aux3), (grads, aux))
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import assert_tree_allclose, from_torch, torch_seed_net
 
 import fgrad
 from fgrad.models import SeedNet, SeedNetNNX, seed_linen_variables, seed_net, seed_params
+from helpers import assert_tree_allclose, from_torch, torch_seed_net
 
 XS = np.array([[4.0], [-1.5], [0.25]], np.float32)
 

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_tree_allclose
 from jax.experimental import jet
 
 import fgrad
+from helpers import assert_tree_allclose
 
 
 def mlp(w, x, tapped=True):
