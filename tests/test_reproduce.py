@@ -1,6 +1,8 @@
 """`fgrad reproduce`: the table, the JSON, the exit status, with and without PyTorch."""
 
 import json
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -89,3 +91,28 @@ def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["nonsense"])
     assert e.value.code == 2
+
+
+def test_fgrad_does_not_import_torch():
+    """PyTorch is optional: importing and using fgrad (reproduce --no-torch included)
+    never imports it."""
+    code = (
+        "import sys, io, fgrad, jax.numpy as jnp\n"
+        "from fgrad import _reproduce\n"
+        "fgrad.grad_intermediates(lambda p, z: fgrad.models.seed_net(p, z)[1])("
+        "fgrad.models.seed_params(), jnp.ones((1, 1)))\n"
+        "assert _reproduce.main(use_torch=False, out=io.StringIO()) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_readme_example_runs():
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

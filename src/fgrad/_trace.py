@@ -11,6 +11,7 @@ pass; that is how `fgrad.grad_intermediates` works.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -172,14 +173,17 @@ def _run(jaxpr, consts, args, perturb, record, recorded, memo):
     wanted = set(perturb) | record
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if is_tap(eqn):
-            outs = _run_tap(eqn, invals, perturb, record, recorded)
-        elif wanted and any(wanted & _tap_names(s, memo) for s in _sub_jaxprs(eqn.params)):
-            outs = _run_higher(eqn, invals, perturb, record, recorded, memo)
-        else:
-            outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
+        # The equation's context (e.g. config it was traced under), as jax.core.eval_jaxpr.
+        ctx = getattr(getattr(eqn, "ctx", None), "manager", None) or contextlib.nullcontext()
+        with ctx:
+            if is_tap(eqn):
+                outs = _run_tap(eqn, invals, perturb, record, recorded)
+            elif wanted and any(wanted & _tap_names(s, memo) for s in _sub_jaxprs(eqn.params)):
+                outs = _run_higher(eqn, invals, perturb, record, recorded, memo)
+            else:
+                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                if not eqn.primitive.multiple_results:
+                    outs = [outs]
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]

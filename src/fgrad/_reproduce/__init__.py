@@ -81,7 +81,7 @@ def compare(*, use_torch: bool | None = None) -> dict[str, Any]:
             }
         )
 
-    fgrad_twice = _fgrad_side.second_backward(*_seed_inputs())
+    fgrad_twice = _fgrad_side.second_backward()
     second = {
         "notebook": SECOND_BACKWARD_ERROR,
         "pytorch": torch_errors or None,
@@ -104,14 +104,6 @@ def compare(*, use_torch: bool | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "all_match": all(r["match"] for r in rows) and second["match"],
     }
-
-
-def _seed_inputs():
-    import jax.numpy as jnp
-
-    from fgrad.models import seed_params
-
-    return seed_params(), jnp.array([[4.0]])
 
 
 def _fmt(v: float | None, present: bool = True) -> str:

@@ -23,6 +23,11 @@ def f_fn(params, z):
     return fgrad.grad_intermediates(y_fn, "l")(params, z)["l"]
 
 
+def _put(out: dict[str, Any], prefix: str, grads: dict[str, Any]) -> None:
+    for short, name in (("w1", W1), ("w2", W2), ("b2", B2)):
+        out[f"{prefix}.{short}"] = grads[name]
+
+
 def cells(params: dict[str, jax.Array], z: jax.Array) -> dict[str, Any]:
     """Every quantity keyed as in ``_notebook.QUANTITIES``; a pure, jit-able function.
 
@@ -41,8 +46,7 @@ def cells(params: dict[str, jax.Array], z: jax.Array) -> dict[str, Any]:
     acc = fgrad.zero_grad(leaves, trainable={"net": True, "z": False})
     _, acc = fgrad.backward(lambda lv: y_fn(lv["net"], lv["z"]), leaves, grads=acc)
     out["backward.z"] = acc["z"]
-    for k, name in (("w1", W1), ("w2", W2), ("b2", B2)):
-        out[f"backward.{k}"] = acc["net"][name]
+    _put(out, "backward", acc["net"])
 
     # In[21]-[23]: autograd.grad(y, w1) returns the gradient and fills no accumulator.
     grads = None  # PyTorch's .grad before any backward()
@@ -54,14 +58,12 @@ def cells(params: dict[str, jax.Array], z: jax.Array) -> dict[str, Any]:
     out["retain.w1"] = pullback(jnp.ones_like(y))[1][W1]
     out["retain.w2"] = pullback(jnp.ones_like(y))[1][W2]
     _, acc = fgrad.backward(y_fn, params, z, grads=fgrad.zero_grad(params))
-    for k, name in (("w1", W1), ("w2", W2), ("b2", B2)):
-        out[f"retain.backward.{k}"] = acc[name]
+    _put(out, "retain.backward", acc)
 
     # In[36]-[40]: f = dy/dl with create_graph=True, then f.backward().
     out["f"] = f_fn(params, z)
     _, acc = fgrad.backward(f_fn, params, z)
-    for k, name in (("w1", W1), ("w2", W2), ("b2", B2)):
-        out[f"f.backward.{k}"] = acc[name]
+    _put(out, "f.backward", acc)
 
     # In[43]: first and second derivative of y w.r.t. w1.
     def y_of_w1(w1):
@@ -73,14 +75,14 @@ def cells(params: dict[str, jax.Array], z: jax.Array) -> dict[str, Any]:
     # In[46]: f.backward(retain_graph=True); y.backward(): .grad accumulates.
     _, acc = fgrad.backward(f_fn, params, z, grads=fgrad.zero_grad(params))
     _, acc = fgrad.backward(y_fn, params, z, grads=acc)
-    for k, name in (("w1", W1), ("w2", W2), ("b2", B2)):
-        out[f"acc.{k}"] = acc[name]
+    _put(out, "acc", acc)
     return out
 
 
-def second_backward(params: dict[str, jax.Array], z: jax.Array) -> dict[str, float]:
+def second_backward() -> dict[str, float]:
     """In[25]-[26] the fgrad way: the pullback of one forward pass, called twice, then a
     backward: nothing was freed, so nothing fails."""
+    params, z = seed_params(), jnp.array([[4.0]])
     y, pullback = fgrad.vjp_intermediates(y_fn, names=(), argnums=0)(params, z)
     first = pullback(jnp.ones_like(y))[1][W1]
     second = pullback(jnp.ones_like(y))[1][W2]
