@@ -322,12 +322,50 @@ def test_tap_inside_custom_vjp_is_refused():
         fgrad.grad_intermediates(f)(jnp.float32(1.0))
 
 
-def test_repeated_tap_name():
+def test_repeated_tap_name_is_an_error_by_default():
     def f(x):
         return fgrad.tap("h", x) * fgrad.tap("h", x * 2.0)
 
-    with pytest.raises(ValueError, match="tap 'h' is hit 2 times"):
+    with pytest.raises(ValueError, match="tap 'h' is hit 2 times.*on_repeat='split'"):
         fgrad.grad_intermediates(f)(jnp.float32(1.0))
+    with pytest.raises(ValueError, match="on_repeat must be one of"):
+        fgrad.grad_intermediates(f, on_repeat="mean")(jnp.float32(1.0))
+
+
+def test_layer_applied_twice_split_and_sum_match_torch(mlp):
+    """A shared layer (also jitted, so both hits come from one sub-program) applied twice:
+    'split' gives each application's gradient, as retain_grad on each output does; 'sum'
+    gives their sum."""
+    layers, params = mlp
+    lin_t = layers[1]
+    x = torch.from_numpy(X[:, :1].repeat(8, axis=1))
+    h1 = torch.tanh(lin_t(x))
+    h2 = torch.tanh(lin_t(h1))
+    h1.retain_grad()
+    h2.retain_grad()
+    (h2**2).sum().backward()
+
+    layer = jax.jit(lambda p, v: fgrad.tap("layer", jnp.tanh(v @ p["w"].T + p["b"])))
+
+    def f(p, v):
+        return jnp.sum(layer(p, layer(p, v)) ** 2)
+
+    args = (params[1], jnp.asarray(x.numpy()))
+    split = jax.jit(fgrad.grad_intermediates(f, on_repeat="split"))(*args)
+    assert_tree_allclose(split, {"layer#0": h1.grad, "layer#1": h2.grad})
+    summed = fgrad.grad_intermediates(f, "layer", on_repeat="sum")(*args)
+    assert_tree_allclose(summed, {"layer": h1.grad + h2.grad})
+    _, values = fgrad.intermediates(f, on_repeat="split")(*args)
+    assert_tree_allclose(values, {"layer#0": h1, "layer#1": h2})
+    _, values = fgrad.intermediates(f, on_repeat="sum")(*args)
+    assert_tree_allclose(values, {"layer": h1 + h2})
+
+
+def test_sum_needs_equal_shapes():
+    f = lambda x: jnp.sum(fgrad.tap("h", x)) + jnp.sum(fgrad.tap("h", x[:1]))
+    with pytest.raises(ValueError, match="same structure and shapes"):
+        fgrad.grad_intermediates(f, on_repeat="sum")(jnp.ones(2))
+    assert list(fgrad.grad_intermediates(f, on_repeat="split")(jnp.ones(2))) == ["h#0", "h#1"]
 
 
 def test_bad_names_and_has_aux_and_cotangent_and_argnums():

@@ -8,9 +8,10 @@ perturbations, so every tap's gradient comes from one forward and one backward p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,58 +19,110 @@ import jax.numpy as jnp
 from fgrad import _checks, _trace
 
 Names = str | Sequence[str] | None
+OnRepeat = Literal["error", "split", "sum"]
+_ON_REPEAT = ("error", "split", "sum")
 
 
-def _select(
-    sites: dict[str, _trace.Site], names: Names, caller: str, *, for_grad: bool
-) -> list[str]:
-    """The tap names to serve, checked against what the program holds."""
-    if names is None:
-        chosen = [n for n, s in sites.items() if s.differentiable or not for_grad]
-    else:
-        chosen = [names] if isinstance(names, str) else list(names)
-        bad = [n for n in chosen if not isinstance(n, str)]
-        if bad:
-            raise TypeError(f"{caller}: names must be strings, got {bad[0]!r}.")
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"{caller}: names lists a tap twice: {chosen}.")
-        unknown = [n for n in chosen if n not in sites]
-        if unknown:
-            known = ", ".join(repr(n) for n in sites) or "none"
-            raise ValueError(
-                f"{caller}: no tap named {unknown[0]!r} was hit while tracing the function; "
-                f"its taps are: {known}. Mark the value with fgrad.tap({unknown[0]!r}, value) "
-                "inside the function, or pick one of those names."
-            )
-    for n in chosen:
-        site = sites[n]
-        if site.blocked:
-            raise ValueError(f"{caller}: tap {n!r} cannot be served: it is inside {site.blocked}.")
-        if site.count > 1:
-            raise ValueError(
-                f"{caller}: tap {n!r} is hit {site.count} times in one call (a layer or "
-                "function applied more than once?). Its gradient would be ambiguous: give each "
-                f"use its own name, e.g. fgrad.tap(f'{n}_{{i}}', x)."
-            )
-        if for_grad and not site.differentiable:
-            dtypes = sorted({str(s.dtype) for s in site.shapes})
-            raise TypeError(
-                f"{caller}: tap {n!r} holds {', '.join(dtypes)} values, which have no gradient. "
-                "Tap a floating-point value instead (e.g. the embedding, not the token ids)."
-            )
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    """The taps to serve: their output keys, the plan for `_trace.run`, their shapes."""
+
+    plan: _trace.Plan
+    trees: dict[str, Any]  # key -> PyTreeDef
+    shapes: dict[str, tuple[jax.ShapeDtypeStruct, ...]]  # key -> per-leaf shape
+
+    def zeros(self) -> dict[str, list[jax.Array]]:
+        return {k: [jnp.zeros(s.shape, s.dtype) for s in v] for k, v in self.shapes.items()}
+
+    def unflatten(self, leaves_by_key: dict[str, Any]) -> dict[str, Any]:
+        return {k: jax.tree.unflatten(self.trees[k], list(leaves_by_key[k])) for k in self.trees}
+
+
+def _check_names(names: Names, known: Sequence[str], caller: str) -> list[str]:
+    chosen = [names] if isinstance(names, str) else list(names)
+    bad = [n for n in chosen if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{caller}: names must be strings, got {bad[0]!r}.")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"{caller}: names lists a tap twice: {chosen}.")
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        listed = ", ".join(repr(n) for n in known) or "none"
+        raise ValueError(
+            f"{caller}: no tap named {unknown[0]!r} was hit while tracing the function; its "
+            f"taps are: {listed}. Mark the value with fgrad.tap({unknown[0]!r}, value) inside "
+            "the function, or pick one of those names."
+        )
     return chosen
 
 
-def _unflatten(sites: dict[str, _trace.Site], leaves_by_name: dict[str, Any]) -> dict[str, Any]:
-    return {n: jax.tree.unflatten(sites[n].tree, list(v)) for n, v in leaves_by_name.items()}
+def _check_hit(h: _trace.Hit, caller: str, for_grad: bool) -> None:
+    if h.blocked:
+        raise ValueError(f"{caller}: tap {h.name!r} cannot be served: it is inside {h.blocked}.")
+    if for_grad and not h.differentiable:
+        dtypes = ", ".join(sorted({str(s.dtype) for s in h.shapes}))
+        raise TypeError(
+            f"{caller}: tap {h.name!r} holds {dtypes} values, which have no gradient. Tap a "
+            "floating-point value instead (e.g. the embedding, not the token ids)."
+        )
 
 
-def intermediates(fn: Callable, names: Names = None) -> Callable:
+def _keys_for(hs: list[_trace.Hit], on_repeat: str, caller: str) -> list[str]:
+    """The output key of each hit of one tap name."""
+    n = hs[0].name
+    if len(hs) == 1:
+        return [n]
+    if on_repeat == "error":
+        raise ValueError(
+            f"{caller}: tap {n!r} is hit {len(hs)} times in one call (a layer or function "
+            "applied more than once?), so its gradient is ambiguous. Pass on_repeat='split' "
+            f"for one entry per hit ({n + '#0'!r}, {n + '#1'!r}, ...), on_repeat='sum' for "
+            "their sum, or give each use its own name."
+        )
+    if on_repeat == "split":
+        return [f"{n}#{i}" for i in range(len(hs))]
+    if len({(h.tree, h.shapes) for h in hs}) > 1:
+        raise ValueError(
+            f"{caller}: on_repeat='sum' needs every hit of tap {n!r} to have the same structure "
+            f"and shapes, got {[[s.shape for s in h.shapes] for h in hs]}. Use "
+            "on_repeat='split'."
+        )
+    return [n] * len(hs)
+
+
+def _select(
+    traced: _trace.Traced, names: Names, on_repeat: OnRepeat, caller: str, *, for_grad: bool
+) -> _Selection:
+    """The taps to serve, checked against what the program holds."""
+    if on_repeat not in _ON_REPEAT:
+        raise ValueError(f"{caller}: on_repeat must be one of {_ON_REPEAT}, got {on_repeat!r}.")
+    hits = traced.by_name()
+    if names is None:
+        ok = lambda hs: not for_grad or all(h.differentiable for h in hs)
+        chosen = [n for n, hs in hits.items() if ok(hs)]
+    else:
+        chosen = _check_names(names, list(hits), caller)
+    keys: dict[_trace.Path, str] = {}
+    trees: dict[str, Any] = {}
+    shapes: dict[str, tuple[jax.ShapeDtypeStruct, ...]] = {}
+    for n in chosen:
+        for h in hits[n]:
+            _check_hit(h, caller, for_grad)
+        for h, k in zip(hits[n], _keys_for(hits[n], on_repeat, caller), strict=True):
+            keys[h.path] = k
+            trees[k], shapes[k] = h.tree, h.shapes
+    return _Selection(_trace.Plan(keys), trees, shapes)
+
+
+def intermediates(fn: Callable, names: Names = None, *, on_repeat: OnRepeat = "error") -> Callable:
     """Transforms ``fn`` to also return the values of its taps.
 
     Args:
       fn: a function whose body calls `fgrad.tap`.
       names: a tap name or a sequence of names; ``None`` (default) means every tap.
+      on_repeat: what to do with a tap name hit more than once in one call: ``"error"``
+        (default), ``"split"`` (one entry per hit, keyed ``"name#0"``, ``"name#1"``, ...
+        in program order) or ``"sum"`` (the hits' values summed).
 
     Returns:
       A function with ``fn``'s positional arguments returning ``(out, {name: value})``.
@@ -88,25 +141,23 @@ def intermediates(fn: Callable, names: Names = None) -> Callable:
     @functools.wraps(fn)
     def wrapped(*args):
         traced = _trace.trace(fn, args)
-        chosen = _select(traced.sites, names, caller, for_grad=False)
+        sel = _select(traced, names, on_repeat, caller, for_grad=False)
         outs, rec = _trace.run(
-            traced.jaxpr.jaxpr, traced.jaxpr.consts, jax.tree.leaves(args), {}, set(chosen)
+            traced.jaxpr.jaxpr, traced.jaxpr.consts, jax.tree.leaves(args), sel.plan, {}
         )
-        return jax.tree.unflatten(traced.out_tree, outs), _unflatten(traced.sites, rec)
+        return jax.tree.unflatten(traced.out_tree, outs), sel.unflatten(rec)
 
     return wrapped
 
 
-def _vjp(fn, names, args, *, has_aux, argnums, caller):
+def _vjp(fn, names, args, *, has_aux, argnums, on_repeat, caller):
     """One forward pass of ``fn(*args)`` with zero perturbations at the chosen taps.
 
-    Returns ``(out, pullback, aux, sites)`` where ``pullback(ct)`` gives
+    Returns ``(out, pullback, aux)`` where ``pullback(ct)`` gives
     ``({name: leaves}, arg_grads_or_None)``.
     """
     traced = _trace.trace(fn, args)
-    chosen = _select(traced.sites, names, caller, for_grad=True)
-    sites = traced.sites
-    zeros = {n: [jnp.zeros(s.shape, s.dtype) for s in sites[n].shapes] for n in chosen}
+    sel = _select(traced, names, on_repeat, caller, for_grad=True)
     nums = None if argnums is None else _checks.normalize_argnums(argnums, len(args), caller)
     diff_args = () if nums is None else tuple(args[i] for i in nums)
     _checks.require_float_tree(diff_args, caller, "the arguments chosen by argnums")
@@ -116,18 +167,18 @@ def _vjp(fn, names, args, *, has_aux, argnums, caller):
         for i, a in zip(nums or (), diff, strict=True):
             full[i] = a
         outs, _ = _trace.run(
-            traced.jaxpr.jaxpr, traced.jaxpr.consts, jax.tree.leaves(tuple(full)), perturb, set()
+            traced.jaxpr.jaxpr, traced.jaxpr.consts, jax.tree.leaves(tuple(full)), sel.plan, perturb
         )
         out = jax.tree.unflatten(traced.out_tree, outs)
         if has_aux:
             return _checks.split_aux(out, caller)
         return out, None
 
-    out, pullback, aux = jax.vjp(forward, zeros, diff_args, has_aux=True)
+    out, pullback, aux = jax.vjp(forward, sel.zeros(), diff_args, has_aux=True)
 
     def pull(ct):
         tap_leaves, arg_grads = pullback(ct)
-        taps = _unflatten(sites, tap_leaves)
+        taps = sel.unflatten(tap_leaves)
         if nums is None:
             return taps
         return taps, (arg_grads[0] if isinstance(argnums, int) else arg_grads)
@@ -141,6 +192,7 @@ def value_and_grad_intermediates(
     *,
     has_aux: bool = False,
     argnums: int | Sequence[int] | None = None,
+    on_repeat: OnRepeat = "error",
 ) -> Callable:
     """Transforms scalar ``fn`` to return its value and its gradient w.r.t. taps.
 
@@ -152,6 +204,10 @@ def value_and_grad_intermediates(
       has_aux: whether ``fn`` returns ``(scalar, aux)``.
       argnums: also differentiate with respect to these positional arguments, in the same
         backward pass (``l.retain_grad()`` followed by ``loss.backward()``).
+      on_repeat: a tap name hit more than once in one call (a layer applied twice) is an
+        error (``"error"``, default); ``"split"`` gives one gradient per hit, keyed
+        ``"name#0"``, ``"name#1"``, ... in program order; ``"sum"`` gives the sum of the
+        hits' gradients (the gradient w.r.t. one value added at every hit).
 
     Returns:
       A function with ``fn``'s arguments returning ``(value, grads)``, or
@@ -171,7 +227,9 @@ def value_and_grad_intermediates(
 
     @functools.wraps(fn)
     def wrapped(*args):
-        out, pull, aux = _vjp(fn, names, args, has_aux=has_aux, argnums=argnums, caller=caller)
+        out, pull, aux = _vjp(
+            fn, names, args, has_aux=has_aux, argnums=argnums, on_repeat=on_repeat, caller=caller
+        )
         y = _checks.scalar_output(
             out, caller, "For a non-scalar output use fgrad.vjp_intermediates with a cotangent."
         )
@@ -187,6 +245,7 @@ def grad_intermediates(
     *,
     has_aux: bool = False,
     argnums: int | Sequence[int] | None = None,
+    on_repeat: OnRepeat = "error",
 ) -> Callable:
     """Transforms scalar ``fn`` to return its gradient w.r.t. its taps: ``autograd.grad(y, l)``.
 
@@ -201,6 +260,8 @@ def grad_intermediates(
         floating-point tap.
       has_aux: whether ``fn`` returns ``(scalar, aux)``.
       argnums: also differentiate with respect to these positional arguments.
+      on_repeat: ``"error"`` (default), ``"split"`` or ``"sum"``; see
+        `value_and_grad_intermediates`.
 
     Returns:
       A function with ``fn``'s arguments returning ``{name: gradient}`` (each shaped like
@@ -217,7 +278,9 @@ def grad_intermediates(
       >>> fgrad.grad_intermediates(net, "l")(fgrad.models.seed_params(), jnp.array([[4.0]]))
       {'l': Array([[120.]], dtype=float32)}
     """
-    vg = value_and_grad_intermediates(fn, names, has_aux=has_aux, argnums=argnums)
+    vg = value_and_grad_intermediates(
+        fn, names, has_aux=has_aux, argnums=argnums, on_repeat=on_repeat
+    )
 
     @functools.wraps(fn)
     def wrapped(*args):
@@ -233,6 +296,7 @@ def vjp_intermediates(
     *,
     has_aux: bool = False,
     argnums: int | Sequence[int] | None = None,
+    on_repeat: OnRepeat = "error",
 ) -> Callable:
     """Transforms ``fn`` to return its output and a reusable pullback to its taps.
 
@@ -246,6 +310,8 @@ def vjp_intermediates(
         floating-point tap.
       has_aux: whether ``fn`` returns ``(output, aux)``; the aux is not differentiated.
       argnums: the pullback also returns the gradient w.r.t. these positional arguments.
+      on_repeat: ``"error"`` (default), ``"split"`` or ``"sum"``; see
+        `value_and_grad_intermediates`.
 
     Returns:
       A function with ``fn``'s arguments returning ``(out, pullback)``, or
@@ -268,7 +334,9 @@ def vjp_intermediates(
 
     @functools.wraps(fn)
     def wrapped(*args):
-        out, pull, aux = _vjp(fn, names, args, has_aux=has_aux, argnums=argnums, caller=caller)
+        out, pull, aux = _vjp(
+            fn, names, args, has_aux=has_aux, argnums=argnums, on_repeat=on_repeat, caller=caller
+        )
 
         def pullback(ct):
             diff = _checks.first_structure_difference(out, ct)

@@ -50,14 +50,17 @@ _BLOCKED_WHY = {
 }
 
 
+Path = tuple[int, ...]  # equation index, then (equation, sub-program) index pairs
+
+
 @dataclasses.dataclass(frozen=True)
-class Site:
-    """A tap found in a traced program."""
+class Hit:
+    """One place in a traced program where a tap is applied."""
 
     name: str
+    path: Path  # where: unique per hit, stable across re-traces of the same program
     tree: Any  # PyTreeDef of the tapped value
     shapes: tuple[jax.ShapeDtypeStruct, ...]  # per leaf, stacked per enclosing scan
-    count: int = 1  # how many times the program hits it (per scan step)
     blocked: str | None = None  # why it cannot be served, or None
 
     @property
@@ -71,7 +74,13 @@ class Traced:
 
     jaxpr: Any  # ClosedJaxpr
     out_tree: Any
-    sites: dict[str, Site]
+    hits: tuple[Hit, ...]  # in program order
+
+    def by_name(self) -> dict[str, list[Hit]]:
+        out: dict[str, list[Hit]] = {}
+        for h in self.hits:
+            out.setdefault(h.name, []).append(h)
+        return out
 
 
 def _as_open(j):
@@ -85,17 +94,15 @@ def _sub_jaxprs(params) -> list:
     return list(jcore.jaxprs_in_params(params))
 
 
-def _tap_names(jaxpr, memo: dict) -> frozenset[str]:
-    """Names of every tap in ``jaxpr`` and its sub-programs (memoised by identity)."""
+def _has_tap(jaxpr, memo: dict) -> bool:
+    """Whether ``jaxpr`` or a sub-program holds a tap (memoised by identity)."""
     key = id(jaxpr)
     if key not in memo:
-        names: set[str] = set()
-        for e in jaxpr.eqns:
-            if is_tap(e):
-                names.add(e.params["name"])
-            for sub in _sub_jaxprs(e.params):
-                names |= _tap_names(sub, memo)
-        memo[key] = (jaxpr, frozenset(names))  # keep jaxpr alive so its id stays unique
+        found = any(
+            is_tap(e) or any(_has_tap(sub, memo) for sub in _sub_jaxprs(e.params))
+            for e in jaxpr.eqns
+        )
+        memo[key] = (jaxpr, found)  # keep jaxpr alive so its id stays unique
     return memo[key][1]
 
 
@@ -103,30 +110,23 @@ def trace(fn, args: Sequence[Any]) -> Traced:
     """Traces ``fn(*args)`` to a jaxpr and finds its taps."""
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     out_tree = jax.tree.structure(out_shape)
-    return Traced(closed, out_tree, find_sites(closed.jaxpr))
+    return Traced(closed, out_tree, tuple(find_hits(closed.jaxpr)))
 
 
-def find_sites(jaxpr) -> dict[str, Site]:
-    """Every tap of ``jaxpr``, by name, in program order."""
-    sites: dict[str, Site] = {}
-    _collect(jaxpr, (), None, sites, {})
-    return sites
+def find_hits(jaxpr) -> list[Hit]:
+    """Every tap application of ``jaxpr``, sub-programs included, in program order."""
+    hits: list[Hit] = []
+    _collect(jaxpr, (), (), None, hits, {})
+    return hits
 
 
-def _collect(jaxpr, stack: tuple[int, ...], blocked: str | None, sites: dict, memo: dict):
-    for eqn in jaxpr.eqns:
+def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict):
+    for i, eqn in enumerate(jaxpr.eqns):
         if is_tap(eqn):
-            name = eqn.params["name"]
-            if name in sites:
-                sites[name] = dataclasses.replace(sites[name], count=sites[name].count + 1)
-                continue
             shapes = tuple(
-                jax.ShapeDtypeStruct(stack + tuple(v.aval.shape), v.aval.dtype) for v in eqn.invars
+                jax.ShapeDtypeStruct((*stack, *v.aval.shape), v.aval.dtype) for v in eqn.invars
             )
-            sites[name] = Site(name, eqn.params["tree"], shapes, 1, blocked)
-            continue
-        subs = _sub_jaxprs(eqn.params)
-        if not subs:
+            hits.append(Hit(eqn.params["name"], (*prefix, i), eqn.params["tree"], shapes, blocked))
             continue
         prim = eqn.primitive.name
         if prim in _SCANS:
@@ -138,29 +138,55 @@ def _collect(jaxpr, stack: tuple[int, ...], blocked: str | None, sites: dict, me
             inner_blocked = blocked or _BLOCKED_WHY.get(
                 prim, f"the higher-order primitive `{prim}`, which fgrad cannot see into"
             )
-        for sub in subs:
-            if _tap_names(sub, memo):
-                _collect(sub, inner_stack, inner_blocked, sites, memo)
+        for j, sub in enumerate(_sub_jaxprs(eqn.params)):
+            if _has_tap(sub, memo):
+                _collect(sub, (*prefix, i, j), inner_stack, inner_blocked, hits, memo)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `run` does at each requested tap: the key its perturbation and value go under.
+
+    Several hits may share a key: their perturbation is the same array (so the gradient
+    is the sum over hits) and their recorded values are summed.
+    """
+
+    keys: Mapping[Path, str]
+
+    def within(self, prefix: Path) -> Plan:
+        n = len(prefix)
+        return Plan({p: k for p, k in self.keys.items() if p[:n] == prefix and len(p) > n})
+
+    def enters(self, prefix: Path) -> bool:
+        n = len(prefix)
+        return any(p[:n] == prefix and len(p) > n for p in self.keys)
 
 
 def run(
     jaxpr,
     consts: Sequence[Any],
     args: Sequence[Any],
+    plan: Plan,
     perturb: Mapping[str, Sequence[Any]],
-    record: frozenset[str] | set[str],
 ) -> tuple[list[Any], dict[str, list[Any]]]:
-    """Evaluates ``jaxpr``; taps in ``perturb`` get the perturbation added, taps in
-    ``record`` have their (unperturbed) leaves returned.
+    """Evaluates ``jaxpr``; at each tap in ``plan`` records the (unperturbed) leaves under
+    the tap's key and adds ``perturb[key]`` if given.
 
     Taps inside a ``scan`` take, and report, values stacked on a leading axis.
     """
     recorded: dict[str, list[Any]] = {}
-    outs = _run(jaxpr, consts, args, perturb, frozenset(record), recorded, {})
+    outs = _run(jaxpr, consts, args, (), plan, perturb, recorded)
     return outs, recorded
 
 
-def _run(jaxpr, consts, args, perturb, record, recorded, memo):
+def _record(recorded: dict, key: str, leaves: Sequence[Any]) -> None:
+    if key in recorded:  # hits that share a key are summed
+        recorded[key] = [a + b for a, b in zip(recorded[key], leaves, strict=True)]
+    else:
+        recorded[key] = list(leaves)
+
+
+def _run(jaxpr, consts, args, prefix, plan, perturb, recorded):
     env: dict[Any, Any] = {}
 
     def read(v):
@@ -170,16 +196,16 @@ def _run(jaxpr, consts, args, perturb, record, recorded, memo):
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    wanted = set(perturb) | record
-    for eqn in jaxpr.eqns:
+    for i, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
+        path = (*prefix, i)
         # The equation's context (e.g. config it was traced under), as jax.core.eval_jaxpr.
         ctx = getattr(getattr(eqn, "ctx", None), "manager", None) or contextlib.nullcontext()
         with ctx:
             if is_tap(eqn):
-                outs = _run_tap(eqn, invals, perturb, record, recorded)
-            elif wanted and any(wanted & _tap_names(s, memo) for s in _sub_jaxprs(eqn.params)):
-                outs = _run_higher(eqn, invals, perturb, record, recorded, memo)
+                outs = _run_tap(eqn, invals, plan.keys.get(path), perturb, recorded)
+            elif plan.enters(path):
+                outs = _run_higher(eqn, invals, path, plan, perturb, recorded)
             else:
                 outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
                 if not eqn.primitive.multiple_results:
@@ -189,73 +215,63 @@ def _run(jaxpr, consts, args, perturb, record, recorded, memo):
     return [read(v) for v in jaxpr.outvars]
 
 
-def _run_tap(eqn, invals, perturb, record, recorded):
-    name = eqn.params["name"]
-    if name in record:
-        recorded[name] = list(invals)
-    if name in perturb:
-        invals = [x + p.astype(x.dtype) for x, p in zip(invals, perturb[name], strict=True)]
+def _run_tap(eqn, invals, key, perturb, recorded):
+    if key is not None:
+        _record(recorded, key, invals)
+        if key in perturb:
+            invals = [x + p.astype(x.dtype) for x, p in zip(invals, perturb[key], strict=True)]
     # Re-bind, so the tap stays visible to an fgrad transformation around this one.
     return eqn.primitive.bind(*invals, **eqn.params)
 
 
-def _subset(names, sub_jaxpr):
-    return set(names) & _tap_names(sub_jaxpr, {})
-
-
-def _run_higher(eqn, invals, perturb, record, recorded, memo):
+def _run_higher(eqn, invals, path, plan, perturb, recorded):
     prim = eqn.primitive.name
     params = eqn.params
+    sub_prefix = (*path, 0)  # these primitives have one sub-program
+    sub, sub_consts = _as_open(params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"])
+    sub_plan = plan.within(sub_prefix)
+    sub_perturb = {k: perturb[k] for k in set(sub_plan.keys.values()) if k in perturb}
     if prim in _CALLS:
-        sub, sub_consts = _as_open(params["jaxpr"])
-        return _run(sub, sub_consts, invals, perturb, record, recorded, memo)
+        return _run(sub, sub_consts, invals, sub_prefix, sub_plan, perturb, recorded)
     if prim in _REMATS:
-        sub, sub_consts = _as_open(params["jaxpr"])
-        names = _subset(set(perturb) | record, sub)
-        sub_perturb = {n: perturb[n] for n in names if n in perturb}
-        sub_record = frozenset(names & record)
 
         def body(xs, ps):
             rec: dict[str, list[Any]] = {}
-            outs = _run(sub, sub_consts, xs, ps, sub_record, rec, {})
+            outs = _run(sub, sub_consts, xs, sub_prefix, sub_plan, ps, rec)
             return outs, rec
 
         outs, rec = jax.checkpoint(
             body, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy")
         )(list(invals), sub_perturb)
-        recorded.update(rec)
-        return outs
-    if prim in _SCANS:
-        return _run_scan(params, invals, perturb, record, recorded)
-    # find_sites marks these taps as blocked, and the public functions refuse to serve
-    # blocked taps before running: reaching here is a bug in fgrad, not in the caller.
-    raise AssertionError(f"fgrad: cannot serve taps inside `{prim}`")
+    elif prim in _SCANS:
+        outs, rec = _run_scan(params, sub, sub_consts, invals, sub_prefix, sub_plan, sub_perturb)
+    else:
+        # find_hits marks these taps as blocked, and the public functions refuse to serve
+        # blocked taps before running: reaching here is a bug in fgrad, not in the caller.
+        raise AssertionError(f"fgrad: cannot serve taps inside `{prim}`")
+    for k, leaves in rec.items():
+        _record(recorded, k, leaves)
+    return outs
 
 
-def _run_scan(params, invals, perturb, record, recorded):
-    body_closed = params["jaxpr"]
-    body, body_consts = _as_open(body_closed)
+def _run_scan(params, body, body_consts, invals, prefix, plan, perturb):
     n_consts, n_carry = params["num_consts"], params["num_carry"]
     consts = invals[:n_consts]
     init = invals[n_consts : n_consts + n_carry]
     xs = invals[n_consts + n_carry :]
-    names = _subset(set(perturb) | record, body)
-    sub_perturb = {n: perturb[n] for n in names if n in perturb}
-    sub_record = frozenset(names & record)
 
     def step(carry, x):
         x_t, p_t = x
         rec: dict[str, list[Any]] = {}
-        outs = _run(body, body_consts, [*consts, *carry, *x_t], p_t, sub_record, rec, {})
+        outs = _run(body, body_consts, [*consts, *carry, *x_t], prefix, plan, p_t, rec)
         return outs[:n_carry], (outs[n_carry:], rec)
 
     carry, (ys, rec) = jax.lax.scan(
         step,
         list(init),
-        (list(xs), sub_perturb),
+        (list(xs), perturb),
         length=params["length"],
         reverse=params["reverse"],
         unroll=params["unroll"],
     )
-    recorded.update(rec)
-    return [*carry, *ys]
+    return [*carry, *ys], rec
