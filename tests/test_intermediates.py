@@ -151,6 +151,22 @@ def test_vmap_gives_per_example_activation_grads(mlp):
 # --- transforms ----------------------------------------------------------------------------
 
 
+def test_batch_sharded_over_eight_devices(mlp):
+    """Activation gradients of a batch sharded over 8 devices equal the one-device ones."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    assert jax.device_count() == 8
+    _, params = mlp
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(16, 3)), jnp.float32)
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("batch")))
+    g = jax.jit(fgrad.grad_intermediates(jax_forward))
+    sharded, single = g(params, xs), g(params, x)
+    assert_tree_allclose(sharded, single)
+    assert len(xs.sharding.device_set) == 8
+    assert sharded["act0"].sharding.is_equivalent_to(xs.sharding, 2)
+
+
 def test_jit_traces_once():
     traces = []
 

@@ -14,6 +14,8 @@ from fgrad._intermediates import grad_intermediates as grad_intermediates
 from fgrad._intermediates import intermediates as intermediates
 from fgrad._intermediates import value_and_grad_intermediates as value_and_grad_intermediates
 from fgrad._intermediates import vjp_intermediates as vjp_intermediates
+from fgrad._modules import tap_linen as tap_linen
+from fgrad._modules import tap_nnx as tap_nnx
 from fgrad._tap import tap as tap
 
 __version__ = "0.1.0"
@@ -25,6 +27,8 @@ __all__ = [
     "intermediates",
     "models",
     "tap",
+    "tap_linen",
+    "tap_nnx",
     "value_and_grad_intermediates",
     "vjp_intermediates",
     "zero_grad",
