@@ -342,7 +342,7 @@ def test_repeated_tap_name_is_an_error_by_default():
     def f(x):
         return fgrad.tap("h", x) * fgrad.tap("h", x * 2.0)
 
-    with pytest.raises(ValueError, match="tap 'h' is hit 2 times.*on_repeat='split'"):
+    with pytest.raises(ValueError, match=r"tap 'h' is hit 2 times.*on_repeat='split'"):
         fgrad.grad_intermediates(f)(jnp.float32(1.0))
     with pytest.raises(ValueError, match="on_repeat must be one of"):
         fgrad.grad_intermediates(f, on_repeat="mean")(jnp.float32(1.0))

@@ -1,0 +1,1 @@
+"""Interoperability with other frameworks. `fgrad.interop.torch` needs PyTorch installed."""

@@ -1,0 +1,264 @@
+"""PyTorch parameters to JAX/Flax pytrees and back, layouts converted.
+
+So that a port can be checked against its original: take a ``torch.nn.Module``'s weights
+into the Flax model (linen variables or an nnx module), compare numbers, and write
+trained weights back. Conversions by layer type:
+
+=================  =============================  ======================================
+PyTorch            tensor (layout)                Flax (layout)
+=================  =============================  ======================================
+``Linear``         ``weight`` (out, in)           ``kernel`` (in, out); ``bias``
+``Conv1d/2d/3d``   ``weight`` (out, in, *k)       ``kernel`` (*k, in, out); ``bias``
+``LayerNorm``,     ``weight``, ``bias``           ``scale``, ``bias``
+``GroupNorm``
+``BatchNorm*d``    ``weight``, ``bias``,          ``scale``, ``bias`` (params);
+                   ``running_mean/var``           ``mean``, ``var`` (batch_stats)
+``Embedding``      ``weight`` (num, dim)          ``embedding`` (num, dim)
+=================  =============================  ======================================
+
+A parameter of any other layer type is an error (pass ``strict=False`` to carry it over
+unchanged under its PyTorch name), never a silently mis-laid weight. Module paths keep
+PyTorch's names (``features.0`` becomes ``{"features": {"0": ...}}`` for linen and
+``("features", 0)`` for nnx); ``rename`` maps them when the Flax model names differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+from torch import nn
+
+Rename = Callable[[str], str] | Mapping[str, str] | None
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _kernel_to_flax(w: np.ndarray, module: nn.Module) -> np.ndarray:
+    if isinstance(module, nn.Linear):
+        return w.T
+    return np.moveaxis(w, (0, 1), (-1, -2))  # (out, in, *k) -> (*k, in, out)
+
+
+def _kernel_to_torch(k: np.ndarray, module: nn.Module) -> np.ndarray:
+    if isinstance(module, nn.Linear):
+        return k.T
+    return np.moveaxis(k, (-1, -2), (0, 1))
+
+
+def _rename(path: str, rename: Rename) -> str:
+    if rename is None:
+        return path
+    if callable(rename):
+        return rename(path)
+    return rename.get(path, path)
+
+
+def _entries(module: nn.Module, strict: bool):
+    """(module path, flax collection, flax name, array, torch name, owning module)."""
+    for mpath, mod in module.named_modules():
+        tensors = {
+            **{n: p for n, p in mod.named_parameters(recurse=False)},
+            **{n: b for n, b in mod.named_buffers(recurse=False) if b is not None},
+        }
+        for tname, t in tensors.items():
+            full = f"{mpath}.{tname}" if mpath else tname
+            if isinstance(mod, (nn.Linear, *_CONVS)):
+                name = {"weight": "kernel", "bias": "bias"}[tname]
+                arr = _kernel_to_flax(_np(t), mod) if tname == "weight" else _np(t)
+                yield mpath, "params", name, arr, full, mod
+            elif isinstance(mod, _NORMS):
+                yield mpath, "params", {"weight": "scale"}.get(tname, tname), _np(t), full, mod
+            elif isinstance(mod, _BATCHNORMS):
+                if tname == "num_batches_tracked":
+                    continue
+                coll = "batch_stats" if tname.startswith("running_") else "params"
+                name = {"weight": "scale", "running_mean": "mean", "running_var": "var"}.get(
+                    tname, tname
+                )
+                yield mpath, coll, name, _np(t), full, mod
+            elif isinstance(mod, nn.Embedding):
+                yield mpath, "params", "embedding", _np(t), full, mod
+            elif strict:
+                raise TypeError(
+                    f"fgrad.interop.torch: no layout conversion for {type(mod).__name__} "
+                    f"(parameter {full!r}). Supported: Linear, Conv1d/2d/3d, LayerNorm, "
+                    "GroupNorm, BatchNorm1d/2d/3d, Embedding. Pass strict=False to copy it "
+                    "unchanged."
+                )
+            else:
+                yield mpath, "params", tname, _np(t), full, mod
+
+
+def to_jax(module: nn.Module, dtype: Any = None) -> dict[str, jax.Array]:
+    """A module's ``state_dict`` as a flat dict of JAX arrays, PyTorch names and layouts.
+
+    This is the layout of `fgrad.models.seed_params`: for pure functions written against
+    PyTorch's conventions (``x @ W.T + b``).
+
+    Examples:
+      >>> import torch
+      >>> from fgrad.interop.torch import to_jax
+      >>> sorted(to_jax(torch.nn.Linear(3, 2)))
+      ['bias', 'weight']
+    """
+    return {
+        k: jnp.asarray(_np(v), dtype)
+        for k, v in module.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+
+
+def from_jax(params: Mapping[str, Any], module: nn.Module) -> nn.Module:
+    """Loads a flat dict made by `to_jax` (possibly trained) back into ``module``."""
+    sd = module.state_dict()
+    missing = sorted(k for k in sd if k not in params and not k.endswith("num_batches_tracked"))
+    extra = sorted(k for k in params if k not in sd)
+    if missing or extra:
+        raise ValueError(
+            f"fgrad.interop.torch.from_jax: keys differ from the module's state_dict: missing "
+            f"{missing}, unexpected {extra}."
+        )
+    new = {k: torch.from_numpy(np.array(params[k])).to(sd[k].dtype) for k in params}
+    for k, v in new.items():
+        if v.shape != sd[k].shape:
+            raise ValueError(
+                f"fgrad.interop.torch.from_jax: {k!r} has shape {tuple(v.shape)}, the module "
+                f"expects {tuple(sd[k].shape)}."
+            )
+    module.load_state_dict(new, strict=False)
+    return module
+
+
+def _split_path(path: str) -> list[str]:
+    return [p for p in path.replace("/", ".").split(".") if p]
+
+
+def to_linen(
+    module: nn.Module, *, rename: Rename = None, strict: bool = True, dtype: Any = None
+) -> dict[str, Any]:
+    """Linen variables (``{"params": ..., "batch_stats": ...}``) from a PyTorch module.
+
+    Args:
+      module: the PyTorch module.
+      rename: maps a PyTorch module path (``"features.0"``) to the linen one
+        (``"features/Conv_0"``); a dict or a function. Unmapped paths are kept.
+      strict: refuse parameters of layer types without a known conversion.
+      dtype: cast every array to this dtype.
+
+    Returns:
+      Nested dicts keyed by module name, ready for ``model.apply``.
+
+    Examples:
+      >>> import torch
+      >>> from fgrad.interop.torch import to_linen
+      >>> v = to_linen(torch.nn.Sequential(torch.nn.Linear(3, 2)), rename={"0": "layers_0"})
+      >>> v["params"]["layers_0"]["kernel"].shape
+      (3, 2)
+    """
+    out: dict[str, Any] = {}
+    for mpath, coll, name, arr, _, _ in _entries(module, strict):
+        node = out.setdefault(coll, {})
+        for part in _split_path(_rename(mpath, rename)):
+            node = node.setdefault(part, {})
+        node[name] = jnp.asarray(arr, dtype)
+    return out
+
+
+def _linen_leaf(variables, coll: str, path: list[str], name: str, full: str):
+    node = variables.get(coll, {})
+    for part in path:
+        if part not in node:
+            raise KeyError(
+                f"fgrad.interop.torch: {full!r} has no counterpart: no "
+                f"{coll}/{'/'.join(path)} in the Flax variables (pass rename=...)."
+            )
+        node = node[part]
+    if name not in node:
+        raise KeyError(
+            f"fgrad.interop.torch: {full!r} has no counterpart {coll}/{'/'.join(path)}/{name}."
+        )
+    return np.asarray(node[name])
+
+
+def _load(module: nn.Module, get, strict: bool) -> nn.Module:
+    with torch.no_grad():
+        for mpath, coll, name, _, full, mod in _entries(module, strict):
+            value = get(mpath, coll, name, full)
+            if isinstance(mod, (nn.Linear, *_CONVS)) and name == "kernel":
+                value = _kernel_to_torch(value, mod)
+            target = module.get_parameter(full) if coll == "params" else module.get_buffer(full)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"fgrad.interop.torch: {full!r} would get shape {tuple(value.shape)}, the "
+                    f"module expects {tuple(target.shape)}."
+                )
+            target.copy_(torch.from_numpy(np.array(value)).to(target.dtype))
+    return module
+
+
+def from_linen(
+    variables: Mapping[str, Any], module: nn.Module, *, rename: Rename = None, strict: bool = True
+) -> nn.Module:
+    """Loads linen variables (e.g. after training) back into the PyTorch ``module``."""
+
+    def get(mpath, coll, name, full):
+        return _linen_leaf(variables, coll, _split_path(_rename(mpath, rename)), name, full)
+
+    return _load(module, get, strict)
+
+
+def _nnx_path(path: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in _split_path(path))
+
+
+def to_nnx(
+    module: nn.Module, model: nnx.Module, *, rename: Rename = None, strict: bool = True
+) -> nnx.Module:
+    """Copies a PyTorch module's weights into the nnx ``model`` (in place), layouts
+    converted; returns ``model``. Every converted tensor must land on an existing
+    variable of the same shape."""
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    for mpath, _, name, arr, full, _ in _entries(module, strict):
+        key = (*_nnx_path(_rename(mpath, rename)), name)
+        if key not in flat:
+            raise KeyError(
+                f"fgrad.interop.torch.to_nnx: {full!r} has no counterpart {key} in the nnx "
+                "model (pass rename=...)."
+            )
+        var = flat[key]
+        if tuple(var.shape) != arr.shape:
+            raise ValueError(
+                f"fgrad.interop.torch.to_nnx: {full!r} converts to shape {arr.shape} but the "
+                f"nnx variable {key} has shape {tuple(var.shape)}."
+            )
+        var[...] = jnp.asarray(arr, var.dtype)
+    nnx.update(model, state)
+    return model
+
+
+def from_nnx(
+    model: nnx.Module, module: nn.Module, *, rename: Rename = None, strict: bool = True
+) -> nn.Module:
+    """Copies the nnx ``model``'s weights back into the PyTorch ``module``."""
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+
+    def get(mpath, coll, name, full):
+        key = (*_nnx_path(_rename(mpath, rename)), name)
+        if key not in flat:
+            raise KeyError(f"fgrad.interop.torch.from_nnx: {full!r} has no counterpart {key}.")
+        return np.asarray(flat[key][...])
+
+    return _load(module, get, strict)
