@@ -181,11 +181,13 @@ def tap_nnx(
             for p, mod in chosen:
                 _names.by_id[id(mod)] = p
                 originals.append((mod, type(mod)))
-                mod.__class__ = _tapping_subclass(type(mod))
+                # object.__setattr__: nnx refuses attribute writes from inside a trace,
+                # but the class swap changes no state and is undone below.
+                object.__setattr__(mod, "__class__", _tapping_subclass(type(mod)))
             return fn(*args, **kwargs)
         finally:
             for mod, cls in originals:
-                mod.__class__ = cls
+                object.__setattr__(mod, "__class__", cls)
             _names.by_id = by_id
 
     return wrapped
