@@ -113,6 +113,23 @@ def test_mlp_activation_grads_match_torch_autograd_grad(mlp, jit):
     assert_tree_allclose(got, dict(zip(NAMES, expected, strict=True)))
 
 
+@pytest.mark.parametrize(
+    ("seed", "sizes", "batch"), [(1, (5, 16, 3), 2), (2, (4, 32, 32, 32, 32, 1), 9)]
+)
+def test_random_mlps_every_activation(seed, sizes, batch):
+    g = torch.Generator().manual_seed(seed)
+    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
+    for lin in layers:
+        torch.nn.init.normal_(lin.weight, std=0.5, generator=g)
+        torch.nn.init.normal_(lin.bias, generator=g)
+    params = [{"w": from_torch(l.weight), "b": from_torch(l.bias)} for l in layers]
+    x = torch.randn(batch, sizes[0], generator=g)
+    loss, acts = torch_forward(layers, x)
+    expected = torch.autograd.grad(loss, acts)
+    got = jax.jit(fgrad.grad_intermediates(jax_forward))(params, jnp.asarray(x.numpy()))
+    assert_tree_allclose(got, {f"act{i}": e for i, e in enumerate(expected)})
+
+
 def test_mlp_retain_grad_and_backward_in_one_pass(mlp):
     """l.retain_grad(); loss.backward(): activation and parameter grads together."""
     layers, params = mlp
