@@ -14,18 +14,22 @@ from fgrad._intermediates import grad_intermediates as grad_intermediates
 from fgrad._intermediates import intermediates as intermediates
 from fgrad._intermediates import value_and_grad_intermediates as value_and_grad_intermediates
 from fgrad._intermediates import vjp_intermediates as vjp_intermediates
+from fgrad._microbatch import accumulate as accumulate
 from fgrad._modules import tap_linen as tap_linen
 from fgrad._modules import tap_nnx as tap_nnx
+from fgrad._step import step as step
 from fgrad._tap import tap as tap
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "accumulate",
     "backward",
     "derivative",
     "grad_intermediates",
     "intermediates",
     "models",
+    "step",
     "tap",
     "tap_linen",
     "tap_nnx",

@@ -133,6 +133,13 @@ def backward(
       (Array([[512.]], dtype=float32), Array([[828.]], dtype=float32), Array([64.], dtype=float32))
     """
     caller = "fgrad.backward"
+    grads = prepare_grads(params, grads, caller)
+    value, aux, g = value_and_grad_trainable(fn, params, grads, args, has_aux, caller)
+    return ((value, aux) if has_aux else value), add_into(grads, g)
+
+
+def prepare_grads(params: Any, grads: Any, caller: str) -> Any:
+    """``grads`` checked against ``params`` (zeros everywhere when None)."""
     if grads is None:
         grads = zero_grad(params)
     else:
@@ -142,18 +149,43 @@ def backward(
         caller,
         "trainable parameters",
     )
+    return grads
 
-    def scalar_fn(p):
-        out = fn(p, *args)
+
+def split_frozen(params: Any, grads: Any) -> tuple[Any, Any]:
+    """``params`` as (trainable part, frozen part): each ``None`` where the other has the
+    leaf; a leaf is frozen where ``grads`` holds ``None``."""
+    train = jax.tree.map(lambda g, p: None if g is None else p, grads, params, is_leaf=_is_none)
+    frozen = jax.tree.map(lambda g, p: p if g is None else None, grads, params, is_leaf=_is_none)
+    return train, frozen
+
+
+def merge_frozen(train: Any, frozen: Any) -> Any:
+    return jax.tree.map(lambda t, f: f if t is None else t, train, frozen, is_leaf=_is_none)
+
+
+def value_and_grad_trainable(fn, params, grads, args, has_aux, caller):
+    """``(value, aux, g)``: the scalar ``fn(params, *args)`` and its gradient w.r.t. the
+    trainable leaves only (``None`` at frozen ones, which are not differentiated)."""
+    train, frozen = split_frozen(params, grads)
+
+    def scalar_fn(t):
+        out = fn(merge_frozen(t, frozen), *args)
         value, aux = _checks.split_aux(out, caller) if has_aux else (out, None)
-        y = _checks.scalar_output(value, caller, "backward() needs a scalar loss.")
+        y = _checks.scalar_output(value, caller, "The loss must be a scalar.")
         return jnp.reshape(y, ()), (value, aux)
 
-    (_, (value, aux)), g = jax.value_and_grad(scalar_fn, has_aux=True)(params)
-    new = jax.tree.map(
-        lambda acc, d: None if acc is None else acc + d.astype(acc.dtype),
-        grads,
-        g,
-        is_leaf=_is_none,
-    )
-    return ((value, aux) if has_aux else value), new
+    (_, (value, aux)), g = jax.value_and_grad(scalar_fn, has_aux=True)(train)
+    return value, aux, g
+
+
+def add_into(grads: Any, g: Any, scale: Any = None) -> Any:
+    """``grads + scale * g`` leafwise, in the accumulator's dtype; ``None`` stays ``None``."""
+
+    def add(acc, d):
+        if acc is None:
+            return None
+        d = d.astype(acc.dtype)
+        return acc + (d if scale is None else d * jnp.asarray(scale, acc.dtype))
+
+    return jax.tree.map(add, grads, g, is_leaf=_is_none)
