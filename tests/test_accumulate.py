@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +129,50 @@ def test_backward_errors():
         fgrad.backward(y_fn, p, Z, has_aux=True)
     with pytest.raises(TypeError, match=r"leaf \['n'\] has dtype int32"):
         fgrad.backward(lambda q, z: jnp.sum(q["x"]), {"x": jnp.ones(2), "n": jnp.arange(2)}, Z)
+
+
+def test_two_heads_and_a_penalty_accumulate_like_torch():
+    """loss_a.backward(retain_graph=True); loss_b.backward(retain_graph=True);
+    penalty.backward() with a frozen trunk layer: the same .grad in fgrad."""
+    torch.manual_seed(0)
+    trunk1, trunk2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
+    head_a, head_b = torch.nn.Linear(8, 1), torch.nn.Linear(8, 3)
+    mods = {"trunk1": trunk1, "trunk2": trunk2, "head_a": head_a, "head_b": head_b}
+    params = {
+        k: {"w": jnp.asarray(m.weight.detach().numpy()), "b": jnp.asarray(m.bias.detach().numpy())}
+        for k, m in mods.items()
+    }
+    trunk1.weight.requires_grad_(False)
+    x_np = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    x = torch.from_numpy(x_np).requires_grad_(True)
+    h = torch.tanh(trunk2(torch.tanh(trunk1(x))))
+    loss_a = (head_a(h) ** 2).mean()
+    loss_b = torch.nn.functional.cross_entropy(head_b(h), torch.tensor([0, 1, 2, 0, 1]))
+    (gx,) = torch.autograd.grad(loss_a, x, create_graph=True)
+    penalty = (gx**2).sum()
+    loss_a.backward(retain_graph=True)
+    loss_b.backward(retain_graph=True)
+    penalty.backward()
+
+    lin = lambda p, v: v @ p["w"].T + p["b"]
+    trunk = lambda p, v: jnp.tanh(lin(p["trunk2"], jnp.tanh(lin(p["trunk1"], v))))
+    fa = lambda p, v: jnp.mean(lin(p["head_a"], trunk(p, v)) ** 2)
+    fb = lambda p, v: optax_ce(lin(p["head_b"], trunk(p, v)), jnp.array([0, 1, 2, 0, 1]))
+    fpen = lambda p, v: jnp.sum(jax.grad(fa, argnums=1)(p, v) ** 2)
+
+    @jax.jit
+    def three(p, v):
+        g = fgrad.zero_grad(p, trainable=lambda path, _: path != "['trunk1']['w']")
+        for f in (fa, fb, fpen):
+            _, g = fgrad.backward(f, p, v, grads=g)
+        return g
+
+    got = three(params, jnp.asarray(x_np))
+    expected = {k: {"w": m.weight.grad, "b": m.bias.grad} for k, m in mods.items()}
+    assert got["trunk1"]["w"] is None and expected["trunk1"]["w"] is None
+    assert_tree_allclose(got, expected)
+
+
+def optax_ce(logits, labels):
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))

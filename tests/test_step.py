@@ -14,6 +14,7 @@ import fgrad
 from fgrad.interop.torch import to_jax
 from helpers import assert_tree_allclose
 
+
 @pytest.fixture(autouse=True)
 def standard_promotion():
     # optax's Adam bias correction raises a Python float to an int32 count, which the
