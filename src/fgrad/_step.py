@@ -97,7 +97,10 @@ def step(
         params,
         is_leaf=_is_none,
     )
-    updates, new_state = optimizer.update(full, opt_state, params)
+    # optax's own arithmetic (e.g. Adam's bias correction, a Python float to the power of
+    # an int32 count) needs standard promotion; run it so even where the caller is strict.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, new_state = optimizer.update(full, opt_state, params)
     new_params = jax.tree.map(
         lambda f, p, u: p if f else (p + u.astype(p.dtype)), frozen, params, updates
     )
