@@ -88,15 +88,27 @@ def test_matches_torch_nested_autograd_on_arrays():
 def test_argnums_and_mixed_partials():
     f = lambda a, b: a**2 * b**3
     assert float(fgrad.derivative(f, 2, argnums=1)(2.0, 3.0)) == pytest.approx(4.0 * 18.0)
-    mixed = fgrad.derivative(fgrad.derivative(f, argnums=0), argnums=1)
-    assert float(mixed(2.0, 3.0)) == pytest.approx(2 * 2.0 * 3 * 9.0)
+    nested = fgrad.derivative(fgrad.derivative(f, argnums=0), argnums=1)
+    assert float(nested(2.0, 3.0)) == pytest.approx(2 * 2.0 * 3 * 9.0)
+    mixed = fgrad.derivative(f, 3, argnums=(0, 1, 1))  # d/db d/db d/da = 2a * 6b
+    assert float(mixed(2.0, 3.0)) == pytest.approx(2 * 2.0 * 6 * 3.0)
+    # against PyTorch's nested autograd.grad on the same mixed partial
+    a = torch.tensor(2.0, requires_grad=True)
+    b = torch.tensor(3.0, requires_grad=True)
+    (da,) = torch.autograd.grad(a**2 * b**3, a, create_graph=True)
+    (dab,) = torch.autograd.grad(da, b)
+    assert float(fgrad.derivative(f, 2, argnums=(0, 1))(2.0, 3.0)) == pytest.approx(dab.item())
 
 
 def test_auto_picks_taylor_only_where_it_applies():
     x = jnp.float32(0.4)
+    assert fgrad.derivative(jnp.sin, 3, return_method=True)(x)[1] == "taylor"
+    assert fgrad.derivative(jnp.sin, 2, return_method=True)(x)[1] == "nested"
+    assert fgrad.derivative(jnp.sin, 3, return_method=True)(jnp.ones(3))[1] == "nested"
     # relu is a custom_jvp function: jet has no rule for it, auto falls back to nested.
     f = lambda v: jax.nn.relu(v) ** 4
-    assert float(fgrad.derivative(f, 3)(x)) == pytest.approx(24 * 0.4, rel=1e-5)
+    value, how = fgrad.derivative(f, 3, return_method=True)(x)
+    assert how == "nested" and float(value) == pytest.approx(24 * 0.4, rel=1e-5)
     with pytest.raises(NotImplementedError, match=r"no rule for.*custom_jvp_call"):
         fgrad.derivative(f, 3, method="taylor")(x)
 
@@ -115,8 +127,12 @@ def test_errors():
         fgrad.derivative(jnp.sin, 1.5)
     with pytest.raises(ValueError, match="method must be one of"):
         fgrad.derivative(jnp.sin, 2, method="forward")
-    with pytest.raises(TypeError, match="nest: derivative"):
-        fgrad.derivative(jnp.sin, 2, argnums=(0, 1))
+    with pytest.raises(ValueError, match=r"names 2 differentiations but order=1; pass order=2"):
+        fgrad.derivative(lambda a, b: a * b, 1, argnums=(0, 1))
+    with pytest.raises(ValueError, match="cannot take mixed partials"):
+        fgrad.derivative(lambda a, b: a * b, 2, argnums=(0, 1), method="taylor")
+    with pytest.raises(TypeError, match="argnums must be an int or a tuple of ints"):
+        fgrad.derivative(jnp.sin, 1, argnums=True)
     with pytest.raises(ValueError, match="refers to argument 1"):
         fgrad.derivative(jnp.sin, 2, argnums=1)(1.0)
     with pytest.raises(TypeError, match="f must return one floating-point array"):

@@ -9,6 +9,8 @@ derivatives → every fgrad result is differentiable, and `derivative`.
 from fgrad import models as models
 from fgrad._accumulate import backward as backward
 from fgrad._accumulate import zero_grad as zero_grad
+from fgrad._hessian import hessian as hessian
+from fgrad._hessian import hvp as hvp
 from fgrad._higher import derivative as derivative
 from fgrad._intermediates import grad_intermediates as grad_intermediates
 from fgrad._intermediates import intermediates as intermediates
@@ -27,6 +29,8 @@ __all__ = [
     "backward",
     "derivative",
     "grad_intermediates",
+    "hessian",
+    "hvp",
     "intermediates",
     "models",
     "step",

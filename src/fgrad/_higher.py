@@ -15,7 +15,7 @@ linearly rather than exponentially with the order.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -29,9 +29,11 @@ Method = Literal["auto", "nested", "taylor"]
 _METHODS = ("auto", "nested", "taylor")
 
 
-def _nested(g: Callable, order: int) -> Callable:
-    for _ in range(order):
-        g = jax.grad(lambda x, g=g: jnp.sum(g(x)))
+def _nested(f: Callable, nums: Sequence[int]) -> Callable:
+    """Reverse mode once per entry of ``nums``, each w.r.t. that positional argument."""
+    g = f
+    for i in nums:
+        g = jax.grad(lambda *a, g=g: jnp.sum(g(*a)), argnums=i)
     return g
 
 
@@ -72,8 +74,9 @@ def derivative(
     f: Callable,
     order: int = 1,
     *,
-    argnums: int = 0,
+    argnums: int | Sequence[int] = 0,
     method: Method = "auto",
+    return_method: bool = False,
 ) -> Callable:
     """The ``order``-th derivative of ``f`` with respect to one array argument.
 
@@ -87,16 +90,21 @@ def derivative(
       f: a function of arrays returning a floating-point array.
       order: the order, an int ``>= 0`` (0 returns ``f`` itself).
       argnums: which positional argument to differentiate; the others are held fixed.
-        For a mixed partial, nest: ``derivative(derivative(f, argnums=0), argnums=1)``.
+        A tuple gives a mixed partial: one entry per differentiation, in order
+        (``argnums=(0, 1)`` is ∂²f/∂x₀∂x₁, with ``order=2``).
       method: ``"nested"`` (reverse mode ``order`` times: works for any ``f``),
-        ``"taylor"`` (one Taylor-mode pass with ``jax.experimental.jet``: needs an
-        argument with one element or an elementwise ``f``, and jet rules for every
-        primitive), or ``"auto"``: Taylor mode from order 3 on when the argument has one
-        element and jet covers ``f``, nested otherwise.
+        ``"taylor"`` (one Taylor-mode pass with ``jax.experimental.jet``, whose cost grows
+        linearly rather than exponentially with the order: needs an argument with one
+        element or an elementwise ``f``, and jet rules for every primitive), or
+        ``"auto"``: Taylor mode from order 3 on when the argument has one element and jet
+        covers ``f``, nested otherwise.
+      return_method: also return which method ran (``"nested"`` or ``"taylor"``): how
+        ``"auto"`` says what it picked.
 
     Returns:
       A function with ``f``'s arguments returning the derivative, shaped like the
-      differentiated argument (or ``f``'s output for order 0).
+      (last) differentiated argument, or ``f``'s output for order 0; with
+      ``return_method``, ``(derivative, method)``.
 
     Examples:
       The seed notebook's ``y''(w1) = 2 x² w2² = 128``:
@@ -107,9 +115,11 @@ def derivative(
       >>> y = lambda w1: fgrad.models.seed_net({**p, "linear1.weight": w1}, x)[1]
       >>> fgrad.derivative(y, order=2)(p["linear1.weight"])
       Array([[128.]], dtype=float32)
-      >>> d4 = fgrad.derivative(jnp.sin, order=4, method="taylor")(0.5)  # 4th: sin again
-      >>> bool(jnp.isclose(d4, jnp.sin(0.5), rtol=1e-5))
-      True
+      >>> d4, how = fgrad.derivative(jnp.sin, order=4, return_method=True)(0.5)
+      >>> how, bool(jnp.isclose(d4, jnp.sin(0.5), rtol=1e-5))  # 4th derivative: sin again
+      ('taylor', True)
+      >>> fgrad.derivative(lambda a, b: a**2 * b**3, order=2, argnums=(0, 1))(2.0, 3.0)
+      Array(108., dtype=float32, weak_type=True)
     """
     caller = "fgrad.derivative"
     if isinstance(order, bool) or not isinstance(order, int):
@@ -118,42 +128,62 @@ def derivative(
         raise ValueError(f"{caller}: order must be >= 0, got {order}.")
     if method not in _METHODS:
         raise ValueError(f"{caller}: method must be one of {_METHODS}, got {method!r}.")
-    if isinstance(argnums, bool) or not isinstance(argnums, int):
-        raise TypeError(
-            f"{caller}: argnums must be one int, got {argnums!r}. For a mixed partial "
-            "derivative, nest: derivative(derivative(f, argnums=0), argnums=1)."
-        )
+    mixed = not isinstance(argnums, int)
+    if mixed:
+        nums_spec = tuple(argnums)
+        if not nums_spec or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in nums_spec
+        ):
+            raise TypeError(
+                f"{caller}: argnums must be an int or a tuple of ints, got {argnums!r}."
+            )
+        if len(nums_spec) != order:
+            raise ValueError(
+                f"{caller}: argnums={argnums!r} names {len(nums_spec)} differentiations but "
+                f"order={order}; pass order={len(nums_spec)}."
+            )
+        if method == "taylor" and len(set(nums_spec)) > 1:
+            raise ValueError(f"{caller}: method='taylor' cannot take mixed partials; use 'nested'.")
+    elif isinstance(argnums, bool):
+        raise TypeError(f"{caller}: argnums must be an int or a tuple of ints, got {argnums!r}.")
+
+    def checked(*args: Any):
+        out = f(*args)
+        if not (hasattr(out, "dtype") or isinstance(out, float)) or not _checks.is_float(out):
+            raise TypeError(
+                f"{caller}: f must return one floating-point array, got "
+                f"{getattr(out, 'dtype', type(out).__name__)}."
+            )
+        return out
 
     @functools.wraps(f)
     def wrapped(*args: Any):
-        (i,) = _checks.normalize_argnums(argnums, len(args), caller)
-        x = args[i]
-        if not (isinstance(x, (int, float)) or hasattr(x, "dtype")):
-            raise TypeError(
-                f"{caller}: argument {i} must be an array or a number, got {type(x).__name__}."
-            )
-        _checks.require_float_tree(x, caller, f"argument {i}")
-        x = jnp.asarray(x)
-
-        def g(xi):
-            out = f(*args[:i], xi, *args[i + 1 :])
-            if not (hasattr(out, "dtype") or isinstance(out, float)) or not _checks.is_float(out):
+        spec = nums_spec if mixed else (argnums,) * max(order, 1)
+        nums = [_checks.normalize_argnums(i, len(args), caller)[0] for i in spec]
+        args = list(args)
+        for i in set(nums):
+            x = args[i]
+            if not (isinstance(x, (int, float)) or hasattr(x, "dtype")):
                 raise TypeError(
-                    f"{caller}: f must return one floating-point array, got "
-                    f"{getattr(out, 'dtype', type(out).__name__)}."
+                    f"{caller}: argument {i} must be an array or a number, got {type(x).__name__}."
                 )
-            return out
-
+            _checks.require_float_tree(x, caller, f"argument {i}")
+            args[i] = jnp.asarray(x)
         if order == 0:
-            return g(x)
-        use = method
-        if method == "auto":
-            covered = (
-                order >= 3 and x.size == 1 and not _missing_jet_rules(jax.make_jaxpr(g)(x).jaxpr)
-            )
-            use = "taylor" if covered else "nested"
-        if use == "taylor":
-            return _taylor(g, order, x, caller)
-        return _nested(g, order)(x)
+            out, used = checked(*args), "nested"
+        else:
+            used = method
+            i = nums[0]
+            if method == "auto":
+                one = len(set(nums)) == 1 and args[i].size == 1 and order >= 3
+                g = lambda xi: checked(*args[:i], xi, *args[i + 1 :])
+                covered = one and not _missing_jet_rules(jax.make_jaxpr(g)(args[i]).jaxpr)
+                used = "taylor" if covered else "nested"
+            if used == "taylor":
+                g = lambda xi: checked(*args[:i], xi, *args[i + 1 :])
+                out = _taylor(g, order, args[i], caller)
+            else:
+                out = _nested(checked, nums)(*args)
+        return (out, used) if return_method else out
 
     return wrapped

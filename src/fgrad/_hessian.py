@@ -1,0 +1,173 @@
+"""Hessian-vector products and Hessians of scalar functions of pytree parameters.
+
+PyTorch: ``torch.autograd.functional.hvp`` / ``hessian`` (double backward with
+``create_graph=True``) or ``torch.func.hvp``. fgrad: forward-over-reverse (one JVP of the
+gradient: about the cost of two gradients), falling back to reverse-over-reverse where a
+``jax.custom_vjp`` function forbids forward mode; dense Hessians as nested blocks, built
+from chunks of HVPs when memory matters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from fgrad import _checks
+
+HvpMethod = Literal["auto", "forward_over_reverse", "reverse_over_reverse"]
+_HVP_METHODS = ("auto", "forward_over_reverse", "reverse_over_reverse")
+
+
+def _scalar(f: Callable, caller: str) -> Callable:
+    def g(*args):
+        y = _checks.scalar_output(f(*args), caller, "The Hessian is defined for scalar f.")
+        return jnp.reshape(y, ())
+
+    return g
+
+
+def _check_tangent(params: Any, v: Any, caller: str) -> None:
+    diff = _checks.first_structure_difference(params, v)
+    if diff is not None:
+        raise ValueError(
+            f"{caller}: v must have the structure and shapes of params (the primals), but v{diff}."
+        )
+
+
+def _is_forward_mode_refusal(e: Exception) -> bool:
+    return "custom_vjp" in str(e) and ("forward-mode" in str(e) or "jvp" in str(e))
+
+
+def hvp(f: Callable, params: Any, v: Any, *args: Any, method: HvpMethod = "auto") -> Any:
+    """The Hessian-vector product ``H v`` of scalar ``f(params, *args)`` w.r.t. ``params``.
+
+    Args:
+      f: ``f(params, *args) -> scalar``.
+      params: a pytree of floating-point arrays.
+      v: the vector, a pytree with the structure and shapes of ``params``.
+      *args: further arguments of ``f`` (e.g. a batch), held fixed.
+      method: ``"forward_over_reverse"`` (a JVP of the gradient: the fastest),
+        ``"reverse_over_reverse"`` (the gradient of ``<grad f, v>``: works through
+        ``jax.custom_vjp``), or ``"auto"``: forward-over-reverse, falling back to
+        reverse-over-reverse when a ``custom_vjp`` refuses forward mode.
+
+    Returns:
+      ``H v``, with the structure of ``params``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> f = lambda p: p["a"] ** 2 * p["b"]
+      >>> hv = fgrad.hvp(f, {"a": 3.0, "b": 2.0}, {"a": 1.0, "b": 0.0})  # column 'a' of H
+      >>> float(hv["a"]), float(hv["b"])
+      (4.0, 6.0)
+    """
+    caller = "fgrad.hvp"
+    if method not in _HVP_METHODS:
+        raise ValueError(f"{caller}: method must be one of {_HVP_METHODS}, got {method!r}.")
+    _check_tangent(params, v, caller)
+    _checks.require_float_tree(params, caller, "params")
+    g = _scalar(f, caller)
+    grad = jax.grad(lambda p: g(p, *args))
+
+    def reverse():
+        dot = lambda p: sum(
+            jnp.vdot(a, b.astype(a.dtype))
+            for a, b in zip(jax.tree.leaves(grad(p)), jax.tree.leaves(v), strict=True)
+        )
+        return jax.grad(dot)(params)
+
+    if method == "reverse_over_reverse":
+        return reverse()
+    v_cast = jax.tree.map(lambda p, t: jnp.asarray(t, jnp.result_type(p)), params, v)
+    try:
+        return jax.jvp(grad, (params,), (v_cast,))[1]
+    except TypeError as e:
+        if method == "auto" and _is_forward_mode_refusal(e):
+            return reverse()
+        raise
+
+
+def _blocks(dense: jax.Array, params: Any) -> Any:
+    """A dense (n, n) Hessian of raveled ``params`` as nested blocks, like jax.hessian."""
+    leaves, tree = jax.tree.flatten(params)
+    sizes = [jnp.size(x) for x in leaves]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    rows = []
+    for li, oi, si in zip(leaves, offsets, sizes, strict=True):
+        cols = [
+            dense[oi : oi + si, oj : oj + sj].reshape(jnp.shape(li) + jnp.shape(lj))
+            for lj, oj, sj in zip(leaves, offsets, sizes, strict=True)
+        ]
+        rows.append(jax.tree.unflatten(tree, cols))
+    return jax.tree.unflatten(tree, rows)
+
+
+def dense_hessian(f: Callable, params: Any, *args: Any, chunk_size: int | None = None) -> jax.Array:
+    """The Hessian of scalar ``f(params, *args)`` as one (n, n) matrix over the raveled
+    parameters (``jax.flatten_util.ravel_pytree`` order), from HVPs with the unit vectors
+    in chunks of ``chunk_size`` (None: all at once)."""
+    flat, unravel = ravel_pytree(params)
+    n = flat.size
+
+    def column(e):
+        return ravel_pytree(hvp(f, params, unravel(e), *args))[0]
+
+    eye = jnp.eye(n, dtype=flat.dtype)
+    if chunk_size is None:
+        return jax.vmap(column)(eye).T
+    return jax.lax.map(column, eye, batch_size=min(chunk_size, n)).T
+
+
+def hessian(f: Callable, argnums: int = 0, *, chunk_size: int | None = None) -> Callable:
+    """Transforms scalar ``f`` into its Hessian w.r.t. one (pytree) argument, as nested blocks.
+
+    ``hessian(f)(params)[a][b]`` is the block ∂²f/∂params[a]∂params[b], shaped
+    ``params[a].shape + params[b].shape``: the layout of ``jax.hessian`` and of
+    ``torch.autograd.functional.hessian`` on a tuple of inputs.
+
+    Args:
+      f: a function returning a scalar.
+      argnums: which positional argument; the others are held fixed.
+      chunk_size: build the Hessian from HVPs with ``chunk_size`` unit vectors at a time,
+        bounding memory by ``chunk_size`` HVPs instead of ``n`` (``None``: one
+        vectorised pass, like ``jax.hessian``).
+
+    Returns:
+      A function with ``f``'s arguments returning the nested blocks.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> f = lambda p: p["a"] ** 2 * p["b"]
+      >>> h = fgrad.hessian(f)({"a": 3.0, "b": 2.0})
+      >>> [[float(h[r][c]) for c in ("a", "b")] for r in ("a", "b")]
+      [[4.0, 6.0], [6.0, 0.0]]
+    """
+    caller = "fgrad.hessian"
+    if isinstance(argnums, bool) or not isinstance(argnums, int):
+        raise TypeError(f"{caller}: argnums must be one int, got {argnums!r}.")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(
+            f"{caller}: chunk_size must be a positive int or None, got {chunk_size!r}."
+        )
+
+    @functools.wraps(f)
+    def wrapped(*args: Any):
+        (i,) = _checks.normalize_argnums(argnums, len(args), caller)
+        params = args[i]
+        _checks.require_float_tree(params, caller, f"argument {i}")
+        g = lambda p, *rest: f(*rest[:i], p, *rest[i:])
+        rest = (*args[:i], *args[i + 1 :])
+        jax.eval_shape(_scalar(g, caller), params, *rest)  # a non-scalar f: a clear error
+        dense = dense_hessian(g, params, *rest, chunk_size=chunk_size)
+        return _blocks(dense, params)
+
+    return wrapped
