@@ -139,3 +139,24 @@ def test_errors():
         fgrad.derivative(lambda x: (x, x), 1)(1.0)
     with pytest.raises(ValueError, match="method='taylor' needs an argument with one element"):
         fgrad.derivative(lambda v: jnp.sum(v**2), 2, method="taylor")(jnp.ones(3))
+
+
+def _tanh_derivative_closed_form(k: int, x: float) -> float:
+    """d^k/dx^k tanh(x) = P_k(tanh x), with P_0(t) = t and P_{k+1}(t) = P_k'(t)(1 - t²)."""
+    poly = np.polynomial.Polynomial([0.0, 1.0])
+    one_minus_t2 = np.polynomial.Polynomial([1.0, 0.0, -1.0])
+    for _ in range(k):
+        poly = poly.deriv() * one_minus_t2
+    return float(poly(math.tanh(x)))
+
+
+@pytest.mark.parametrize("order", [1, 4, 8])
+def test_tanh_compositions_to_order_8_closed_form(order):
+    """tanh(2x + 1) and its composition with an affine map: 2^k P_k(tanh(2x + 1))."""
+    x = 0.2
+    expected = 2.0**order * _tanh_derivative_closed_form(order, 2 * x + 1)
+    with jax.enable_x64(True):
+        f = lambda v: jnp.tanh(2.0 * v + 1.0)
+        for method in ("taylor", "nested"):
+            got = fgrad.derivative(f, order, method=method)(jnp.float64(x))
+            np.testing.assert_allclose(float(got), expected, rtol=1e-9, err_msg=method)

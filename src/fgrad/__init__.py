@@ -6,6 +6,7 @@
 derivatives → every fgrad result is differentiable, and `derivative`.
 """
 
+from fgrad import curvature as curvature
 from fgrad import models as models
 from fgrad._accumulate import backward as backward
 from fgrad._accumulate import zero_grad as zero_grad
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "accumulate",
     "backward",
+    "curvature",
     "derivative",
     "grad_intermediates",
     "hessian",

@@ -1,0 +1,147 @@
+"""hvp and hessian against PyTorch (autograd.functional and torch.func) and jax.hessian."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import fgrad
+from fgrad.models import seed_net, seed_params
+from helpers import assert_tree_allclose, from_torch, torch_seed_net
+
+SIZES = (3, 5, 4, 1)
+
+
+def torch_mlp_fn(x, y):
+    def f(*ps):
+        h = x
+        for i in range(0, len(ps), 2):
+            h = h @ ps[i].T + ps[i + 1]
+            if i + 2 < len(ps):
+                h = torch.tanh(h)
+        return ((h - y) ** 2).mean()
+
+    return f
+
+
+def jax_mlp_fn(p, x, y):
+    h = x
+    for i in range(0, len(p), 2):
+        h = h @ p[i].T + p[i + 1]
+        if i + 2 < len(p):
+            h = jnp.tanh(h)
+    return jnp.mean((h - y) ** 2)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    g = torch.Generator().manual_seed(0)
+    ps = []
+    for a, b in itertools.pairwise(SIZES):
+        ps += [torch.randn(b, a, generator=g), torch.randn(b, generator=g)]
+    x = torch.randn(7, SIZES[0], generator=g)
+    y = torch.randn(7, SIZES[-1], generator=g)
+    v = [torch.randn(p.shape, generator=g) for p in ps]
+    return ps, x, y, v
+
+
+def test_hvp_matches_torch_functional_and_func(mlp):
+    ps, x, y, v = mlp
+    f_t = torch_mlp_fn(x, y)
+    _, expected = torch.autograd.functional.hvp(f_t, tuple(ps), tuple(v))
+    _, func_hvp = torch.func.jvp(torch.func.grad(lambda p: f_t(*p)), (tuple(ps),), (tuple(v),))
+    params = [from_torch(p) for p in ps]
+    args = (jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+    for method in ("auto", "forward_over_reverse", "reverse_over_reverse"):
+        hv = jax.jit(lambda p, t, method=method: fgrad.hvp(jax_mlp_fn, p, t, *args, method=method))(
+            params, [from_torch(t) for t in v]
+        )
+        assert_tree_allclose(hv, list(expected), rtol=1e-4, atol=1e-5)
+        assert_tree_allclose(hv, list(func_hvp), rtol=1e-4, atol=1e-5)
+
+
+def test_hessian_blocks_match_torch_functional_hessian(mlp):
+    ps, x, y, _ = mlp
+    expected = torch.autograd.functional.hessian(torch_mlp_fn(x, y), tuple(ps))
+    params = [from_torch(p) for p in ps]
+    args = (jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+    full = jax.jit(fgrad.hessian(jax_mlp_fn))(params, *args)
+    chunked = jax.jit(fgrad.hessian(jax_mlp_fn, chunk_size=7))(params, *args)
+    assert_tree_allclose(full, [list(r) for r in expected], rtol=1e-4, atol=1e-5)
+    assert_tree_allclose(chunked, full, rtol=1e-5, atol=1e-6)
+    assert_tree_allclose(full, jax.hessian(jax_mlp_fn)(params, *args), rtol=1e-5, atol=1e-6)
+
+
+def test_seed_network_full_hessian_matches_torch():
+    """All second derivatives of the notebook's y w.r.t. (w1, w2, b2); y''(w1) = 128."""
+    net = torch_seed_net()
+    z = torch.tensor([[4.0]])
+
+    def y_t(w1, w2, b2):
+        l = z @ w1.T
+        return ((l @ w2.T + b2) ** 2).sum()
+
+    expected = torch.autograd.functional.hessian(
+        y_t, (net.linear1.weight, net.linear2.weight, net.linear2.bias)
+    )
+    y_fn = lambda p: seed_net(p, jnp.array([[4.0]]))[1]
+    h = fgrad.hessian(y_fn)(seed_params())
+    names = ["linear1.weight", "linear2.weight", "linear2.bias"]
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            assert_tree_allclose(h[a][b], expected[i][j])
+    assert float(h["linear1.weight"]["linear1.weight"].squeeze()) == 128.0
+
+
+def test_hvp_falls_back_where_a_custom_vjp_forbids_forward_mode():
+    @jax.custom_vjp
+    def inner(x):
+        return jnp.cos(x)
+
+    inner.defvjp(lambda x: (jnp.cos(x), x), lambda x, g: (-g * jnp.sin(x),))
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * inner(x),))  # bwd uses a custom_vjp
+    loss = lambda p: jnp.sum(f(p))
+    p, v = jnp.array([0.3, 1.2]), jnp.array([1.0, -2.0])
+    with pytest.raises(TypeError, match="forward-mode"):
+        fgrad.hvp(loss, p, v, method="forward_over_reverse")
+    assert_tree_allclose(fgrad.hvp(loss, p, v), -jnp.sin(p) * v)
+
+
+def test_errors():
+    p = {"a": jnp.ones(2), "b": jnp.ones(())}
+    f = lambda p: jnp.sum(p["a"] ** 2) * p["b"]
+    with pytest.raises(ValueError, match=r"v\['b'\] is missing"):
+        fgrad.hvp(f, p, {"a": jnp.ones(2)})
+    with pytest.raises(ValueError, match=r"v\['a'\] has shape \(3,\), expected \(2,\)"):
+        fgrad.hvp(f, p, {"a": jnp.ones(3), "b": jnp.ones(())})
+    with pytest.raises(ValueError, match="method must be one of"):
+        fgrad.hvp(f, p, p, method="fwd")
+    with pytest.raises(TypeError, match=r"must return a scalar .*shape \(2,\)"):
+        fgrad.hessian(lambda p: p["a"] * p["b"])(p)
+    with pytest.raises(TypeError, match=r"must return a scalar"):
+        fgrad.hvp(lambda p: p["a"] * p["b"], p, p)
+    with pytest.raises(TypeError, match="argument 0 must be floating point"):
+        fgrad.hessian(lambda n: jnp.sum(n**2))(jnp.arange(3))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        fgrad.hessian(f, chunk_size=0)
+    with pytest.raises(TypeError, match="argnums must be one int"):
+        fgrad.hessian(f, argnums=(0,))
+
+
+def test_hessian_of_other_argnum_and_x64():
+    with jax.enable_x64(True):
+        f = lambda a, b: jnp.sum(jnp.sin(a) * b**3)
+        a, b = jnp.array([0.1, 0.2]), jnp.array([1.5, -0.5])
+        h = fgrad.hessian(f, argnums=1)(a, b)
+        assert h.dtype == jnp.float64
+        np.testing.assert_allclose(
+            h, np.diag(6 * np.sin([0.1, 0.2]) * np.array([1.5, -0.5])), rtol=1e-12
+        )
