@@ -8,6 +8,7 @@ derivatives → every fgrad result is differentiable, and `derivative`.
 
 from fgrad import curvature as curvature
 from fgrad import models as models
+from fgrad import penalties as penalties
 from fgrad._accumulate import backward as backward
 from fgrad._accumulate import zero_grad as zero_grad
 from fgrad._hessian import hessian as hessian
@@ -35,6 +36,7 @@ __all__ = [
     "hvp",
     "intermediates",
     "models",
+    "penalties",
     "step",
     "tap",
     "tap_linen",
