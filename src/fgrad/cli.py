@@ -26,6 +26,30 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the PyTorch column even when torch is installed",
     )
+    b = sub.add_parser(
+        "bench",
+        help="benchmark fgrad against hand-written JAX, PyTorch eager, torch.func, torch.compile",
+        description=(
+            "Times every fgrad operation next to the same computation written by hand in JAX "
+            "and in PyTorch (eager, torch.func, torch.compile), each framework in its own "
+            "process; prints a summary table with ratios measured in the same run."
+        ),
+    )
+    b.add_argument("--suite", choices=("quick", "full", "tiny"), default="quick")
+    b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
+    b.add_argument(
+        "--only",
+        metavar="PATTERN",
+        help="glob(s) over workload/op, comma-separated, e.g. 'mlp-*/hvp,seed/*'",
+    )
+    b.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    b.add_argument("--plot", metavar="PATH", help="write a plot of the ratios to PATH (PNG)")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads per framework (default: all cores); reported either way",
+    )
     return p
 
 
@@ -36,6 +60,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return _reproduce.main(
             json_path=args.json, use_torch=False if args.no_torch else None, out=sys.stdout
+        )
+    if args.command == "bench":
+        from fgrad import bench
+
+        return bench.main(
+            suite=args.suite,
+            device=args.device,
+            only=args.only,
+            json_path=args.json,
+            plot_path=args.plot,
+            threads=args.threads,
+            out=sys.stdout,
         )
     raise AssertionError(args.command)  # argparse rejects unknown commands
 

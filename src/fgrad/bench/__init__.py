@@ -1,0 +1,230 @@
+"""`fgrad bench`: fgrad's operations against hand-written JAX, PyTorch eager, torch.func
+and torch.compile, each framework in its own process, on CPU or GPU.
+
+This package (like `fgrad.interop.torch`) may import PyTorch; the rest of fgrad never does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from typing import Any, TextIO
+
+from fgrad.bench._cases import cases
+from fgrad.bench._report import add_derived, plot, ratios, render
+
+SCHEMA = 1
+SUITE_SETTINGS = {  # min seconds per timing round, rounds, matmul size for the peak
+    "tiny": (0.005, 3, 256),
+    "quick": (0.05, 5, 1024),
+    "full": (0.2, 10, 2048),
+}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict[str, Any]:
+    model = _cpu_model()
+    cores = os.cpu_count() or 1
+    name = f"{device}-{re.sub(r'[^a-z0-9]+', '-', model.lower()).strip('-')}-{cores}c"
+    return {
+        "name": name[:80],
+        "cpu": model,
+        "cores": cores,
+        "device": device,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class _Progress:
+    def __init__(self, total: int, out: TextIO, enabled: bool):
+        self.total, self.done, self.out, self.enabled = total, 0, out, enabled
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        self.out.write(f"\r[{bar}] {self.done}/{self.total} {label[:50]:<50}")
+        if self.done == self.total:
+            self.out.write("\n")
+        self.out.flush()
+
+
+def _run_worker(framework: str, suite: str, only, device, threads, todo_keys, progress) -> tuple:
+    min_time, rounds, mm = SUITE_SETTINGS[suite]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fgrad.bench._worker",
+        "--framework",
+        framework,
+        "--suite",
+        suite,
+        "--device",
+        device,
+        "--threads",
+        str(threads),
+        "--min-time",
+        str(min_time),
+        "--rounds",
+        str(rounds),
+        "--matmul",
+        str(mm),
+    ]
+    if only:
+        cmd += ["--only", only]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    meta, results = None, []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == "meta":
+            meta = rec
+        elif rec.get("type") == "case":
+            results.append(rec)
+            progress.step(rec["key"])
+    stderr = proc.stderr.read() if proc.stderr else ""
+    proc.wait()
+    seen = {r["key"] for r in results}
+    for key in todo_keys:  # a crashed worker: its remaining cases are errors, not fatal
+        if key not in seen:
+            w, op, impl = key.split("/")
+            tail = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            results.append(
+                {
+                    "type": "case",
+                    "key": key,
+                    "workload": w,
+                    "op": op,
+                    "impl": impl,
+                    "framework": framework,
+                    "status": "error",
+                    "error": f"worker crashed: {tail[0]}",
+                }
+            )
+            progress.step(key)
+    if meta is None:
+        meta = {"framework": framework, "error": stderr.strip()[-2000:]}
+    return meta, results
+
+
+def run(
+    *,
+    suite: str = "quick",
+    device: str = "cpu",
+    only: str | None = None,
+    threads: int = 0,
+    out: TextIO = sys.stderr,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs a suite and returns the report (plain data, the JSON schema)."""
+    if suite not in SUITE_SETTINGS:
+        raise ValueError(f"fgrad bench: unknown suite {suite!r}; use tiny, quick or full.")
+    have_torch = _torch_available()
+    todo = cases(suite, only, torch=have_torch)
+    if not todo:
+        raise ValueError(f"fgrad bench: no case matches --only {only!r}.")
+    bar = _Progress(len(todo), out, progress)
+    frameworks, results = [], []
+    for fw in ("jax", "torch") if have_torch else ("jax",):
+        keys = [c.key for c in todo if c.framework == fw]
+        if keys:
+            meta, res = _run_worker(fw, suite, only, device, threads, keys, bar)
+            frameworks.append(meta)
+            results += res
+    for r in results:
+        r.pop("type", None)
+    report = {
+        "schema": SCHEMA,
+        "suite": suite,
+        "only": only,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(device),
+        "frameworks": frameworks,
+        "torch_installed": have_torch,
+        "cases": results,
+    }
+    report["ratios"] = ratios(results)
+    add_derived(report)
+    return report
+
+
+def main(
+    *,
+    suite: str,
+    device: str,
+    only: str | None,
+    json_path: str | None,
+    plot_path: str | None,
+    threads: int,
+    out: TextIO,
+) -> int:
+    if device == "auto":
+        device = "gpu" if _gpu_available() else "cpu"
+    report = run(
+        suite=suite,
+        device=device,
+        only=only,
+        threads=threads,
+        progress=sys.stderr.isatty() or bool(os.environ.get("FGRAD_PROGRESS")),
+    )
+    render(report, out)
+    if not report["torch_installed"]:
+        print(
+            "PyTorch is not installed: only fgrad and hand-written JAX were measured "
+            "(pip install -c constraints.txt 'fgrad[torch]').",
+            file=out,
+        )
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as fh:
+            json.dump(report, fh, indent=1)
+        print(f"wrote {json_path}", file=out)
+    if plot_path:
+        plot(report, plot_path)
+        print(f"wrote {plot_path}", file=out)
+    return 0
+
+
+def _gpu_available() -> bool:
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import jax; print(jax.default_backend())"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        return out.stdout.strip() in ("gpu", "cuda", "rocm")
+    except (OSError, subprocess.SubprocessError):
+        return False

@@ -1,0 +1,203 @@
+"""The benchmark operations in PyTorch: eager autograd ("torch"), torch.func ("torch.func")
+and torch.compile ("torch.compile") where it supports the operation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fgrad.bench._cases import DOUBLE_BACKWARD
+from fgrad.bench._workloads import Workload, torch_forward
+
+K_MICRO = 4
+
+
+class Unsupported(Exception):
+    """The framework cannot run this operation; reported, not a failure."""
+
+
+def _data(w: Workload, device):
+    params = {
+        k: torch.from_numpy(v.copy()).to(device).requires_grad_(True)
+        for k, v in w.numpy_params().items()
+    }
+    batch = {k: torch.from_numpy(v.copy()).to(device) for k, v in w.numpy_batch().items()}
+    return params, batch
+
+
+def _identity(name, h):
+    del name
+    return h
+
+
+def _losses(w: Workload):
+    fwd = torch_forward(w)
+    if w.kind == "seed":
+        per = lambda p, x, y: fwd(p, x, _identity)[:, 0]
+    else:
+        per = lambda p, x, y: F.cross_entropy(fwd(p, x, _identity), y, reduction="none")
+    loss = lambda p, b: per(p, b["x"], b.get("y")).mean()
+    return fwd, per, loss
+
+
+def _zero(params):
+    for t in params.values():
+        t.grad = None
+
+
+def build(op: str, impl: str, w: Workload, device: str) -> Callable[[], object]:
+    """A no-argument callable running one (operation, implementation, workload)."""
+    if impl == "torch.compile" and op in DOUBLE_BACKWARD:
+        raise Unsupported("torch.compile does not support double backward")
+    params, batch = _data(w, device)
+    fwd, per, loss = _losses(w)
+    names = list(params)
+
+    if impl == "torch.func":
+        import torch.func as tf
+
+        flat = {k: v.detach() for k, v in params.items()}
+        if op == "grad":
+            g = tf.grad(loss)
+            return lambda: g(flat, batch)
+        if op == "hvp":
+            v = {k: torch.full_like(t, 0.01) for k, t in flat.items()}
+            g = tf.grad(loss)
+            return lambda: tf.jvp(lambda q: g(q, batch), (flat,), (v,))[1]
+        if op == "hessian":
+            h = tf.hessian(loss)
+            return lambda: h(flat, batch)
+        if op == "input_gradient":
+
+            def total(p, b):
+                gx = tf.grad(lambda x: per(p, x, b.get("y")).sum())(b["x"])
+                return loss(p, b) + (gx.flatten(1) ** 2).sum(1).mean()
+
+            g = tf.grad(total)
+            return lambda: g(flat, batch)
+        raise Unsupported(f"no torch.func version of {op}")
+
+    if impl == "torch.compile":
+        compiled = torch.compile(loss)
+
+        def run():
+            _zero(params)
+            compiled(params, batch).backward()
+            return [params[k].grad for k in names]
+
+        return run
+
+    # eager autograd
+    if op == "grad":
+
+        def run():
+            _zero(params)
+            loss(params, batch).backward()
+            return [params[k].grad for k in names]
+
+        return run
+
+    if op == "grad_intermediates":
+
+        def run():
+            _zero(params)
+            kept = []
+
+            def keep(name, h):
+                h.retain_grad()
+                kept.append(h)
+                return h
+
+            out = fwd(params, batch["x"], keep)
+            if w.kind == "seed":
+                value = out[:, 0].mean()
+            else:
+                value = F.cross_entropy(out, batch["y"])
+            value.backward()
+            return [h.grad for h in kept] + [params[k].grad for k in names]
+
+        return run
+
+    if op == "backward_accumulate":
+
+        def run():
+            _zero(params)
+            out = fwd(params, batch["x"], _identity)
+            first = out[:, 0].mean() if w.kind == "seed" else F.cross_entropy(out, batch["y"])
+            first.backward(retain_graph=True)
+            (0.5 * (out**2).mean()).backward()
+            return [params[k].grad for k in names]
+
+        return run
+
+    if op == "microbatch":
+
+        def run():
+            _zero(params)
+            chunks = {k: v.chunk(K_MICRO) for k, v in batch.items()}
+            for i in range(K_MICRO):
+                (loss(params, {k: c[i] for k, c in chunks.items()}) / K_MICRO).backward()
+            return [params[k].grad for k in names]
+
+        return run
+
+    if op == "input_gradient":
+
+        def run():
+            _zero(params)
+            x = batch["x"].clone().requires_grad_(True)
+            (gx,) = torch.autograd.grad(per(params, x, batch.get("y")).sum(), x, create_graph=True)
+            (loss(params, batch) + (gx.flatten(1) ** 2).sum(1).mean()).backward()
+            return [params[k].grad for k in names]
+
+        return run
+
+    if op == "wgan_gp":
+        x = batch["x"]
+        fake = x.flip(0) * 0.5
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        eps = torch.rand(x.shape[0], generator=gen).to(device)
+        eps = eps.reshape((-1,) + (1,) * (x.dim() - 1))
+        critic = lambda p, v: fwd(p, v, _identity)[:, 0]
+
+        def run():
+            _zero(params)
+            x_hat = (eps * x + (1 - eps) * fake).requires_grad_(True)
+            (g,) = torch.autograd.grad(critic(params, x_hat).sum(), x_hat, create_graph=True)
+            gp = 10.0 * ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+            (critic(params, fake).mean() - critic(params, x).mean() + gp).backward()
+            return [params[k].grad for k in names]
+
+        return run
+
+    if op == "hvp":
+        v = tuple(torch.full_like(params[k], 0.01) for k in names)
+        f = lambda *ps: loss(dict(zip(names, ps, strict=True)), batch)
+        ps = tuple(params[k].detach() for k in names)
+        return lambda: torch.autograd.functional.hvp(f, ps, v)[1]
+
+    if op == "hessian":
+        f = lambda *ps: loss(dict(zip(names, ps, strict=True)), batch)
+        ps = tuple(params[k].detach() for k in names)
+        return lambda: torch.autograd.functional.hessian(f, ps)
+
+    raise KeyError(op)
+
+
+def build_scalar(op: str, impl: str, device: str) -> Callable[[], object]:
+    """The n-th derivative operation: 8 nested autograd.grad calls with create_graph."""
+    if impl == "torch.compile":
+        raise Unsupported("torch.compile does not support double backward")
+    if impl != "torch":
+        raise Unsupported(f"{impl} is not measured on the n-th derivative")
+    x = torch.tensor(0.3, device=device, requires_grad=True)
+
+    def run():
+        y = torch.sin(torch.tanh(x) * torch.exp(x))
+        for _ in range(8):
+            (y,) = torch.autograd.grad(y, x, create_graph=True)
+        return y
+
+    return run

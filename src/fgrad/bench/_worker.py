@@ -1,0 +1,178 @@
+"""One framework's side of the benchmark, run in its own process.
+
+    python -m fgrad.bench._worker --framework jax --suite quick [--only GLOB] ...
+
+Prints one JSON object per line: first the settings ("meta"), then one per case. The
+parent process (`fgrad bench`) starts one worker per framework, so JAX and PyTorch never
+share a process (they fight over threads and distort each other's timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def _setup_jax_env(device: str, threads: int) -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if threads > 0 and "intra_op_parallelism_threads" not in flags:
+        flags += f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
+        flags += f" intra_op_parallelism_threads={threads}"
+    os.environ["XLA_FLAGS"] = flags.strip()
+    if device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _peak_gflops(matmul, sync, n: int) -> float:
+    """Measured matmul throughput: the machine's practical peak for this framework."""
+    out = matmul()
+    sync(out)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            out = matmul()
+        sync(out)
+        best = min(best, (time.perf_counter() - t0) / 3)
+    return 2 * n**3 / best / 1e9
+
+
+def run_jax(args, todo) -> None:
+    _setup_jax_env(args.device, args.threads)
+    import jax
+    import jax.numpy as jnp
+
+    from fgrad.bench import _jax_ops
+    from fgrad.bench._measure import measure
+
+    sync = jax.block_until_ready
+    a = jnp.ones((args.matmul, args.matmul), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    _emit(
+        {
+            "type": "meta",
+            "framework": "jax",
+            "version": jax.__version__,
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "threads": args.threads or os.cpu_count(),
+            "peak_gflops": _peak_gflops(lambda: mm(a), sync, args.matmul),
+        }
+    )
+    for case in todo:
+        rec = {
+            "type": "case",
+            "key": case.key,
+            "workload": case.workload.name,
+            "op": case.op,
+            "impl": case.impl,
+            "framework": "jax",
+        }
+        try:
+            if case.op == "derivative8":
+                fn, fargs = _jax_ops.build_scalar(case.op, case.impl)
+            else:
+                fn, fargs = _jax_ops.build(case.op, case.impl, case.workload)
+            rec.update(
+                measure(
+                    lambda fn=fn, fargs=fargs: fn(*fargs),
+                    sync,
+                    min_time=args.min_time,
+                    rounds=args.rounds,
+                )
+            )
+            rec.update(_jax_ops.cost(fn, fargs))
+            rec["status"] = "ok"
+        except Exception as e:  # reported, never fatal
+            rec.update(
+                status="error",
+                error=f"{type(e).__name__}: {e}",
+                traceback=traceback.format_exc(limit=4),
+            )
+        _emit(rec)
+
+
+def run_torch(args, todo) -> None:
+    import torch
+
+    from fgrad.bench import _torch_ops
+    from fgrad.bench._measure import measure
+
+    device = "cuda" if args.device == "gpu" else "cpu"
+    if args.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
+    a = torch.ones((args.matmul, args.matmul), device=device)
+    _emit(
+        {
+            "type": "meta",
+            "framework": "torch",
+            "version": torch.__version__,
+            "backend": device,
+            "threads": torch.get_num_threads(),
+            "peak_gflops": _peak_gflops(lambda: a @ a, sync, args.matmul),
+        }
+    )
+    for case in todo:
+        rec = {
+            "type": "case",
+            "key": case.key,
+            "workload": case.workload.name,
+            "op": case.op,
+            "impl": case.impl,
+            "framework": "torch",
+        }
+        try:
+            if case.op == "derivative8":
+                run = _torch_ops.build_scalar(case.op, case.impl, device)
+            else:
+                run = _torch_ops.build(case.op, case.impl, case.workload, device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            rec.update(measure(run, sync, min_time=args.min_time, rounds=args.rounds))
+            rec["memory_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
+            rec["status"] = "ok"
+        except _torch_ops.Unsupported as e:
+            rec.update(status="unsupported", error=str(e))
+        except Exception as e:  # reported, never fatal
+            rec.update(
+                status="error",
+                error=f"{type(e).__name__}: {e}",
+                traceback=traceback.format_exc(limit=4),
+            )
+        _emit(rec)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--framework", choices=("jax", "torch"), required=True)
+    p.add_argument("--suite", default="quick")
+    p.add_argument("--only", default=None)
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--min-time", type=float, default=0.05)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--matmul", type=int, default=1024)
+    args = p.parse_args(argv)
+
+    from fgrad.bench._cases import cases
+
+    todo = [c for c in cases(args.suite, args.only) if c.framework == args.framework]
+    (run_jax if args.framework == "jax" else run_torch)(args, todo)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

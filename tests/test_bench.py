@@ -1,0 +1,118 @@
+"""The benchmark harness itself: a tiny suite end to end, the JSON schema, failures
+reported rather than fatal. (Benchmarks are not tests: no timing is asserted here.)"""
+
+import argparse
+import io
+import json
+
+import pytest
+
+from fgrad import bench, cli
+from fgrad.bench import _cases, _worker
+from fgrad.bench._workloads import Workload
+
+CASE_KEYS = {"key", "workload", "op", "impl", "framework", "status"}
+TIMED_KEYS = {"compile_s", "median_s", "iqr_s", "min_s", "calls_per_round", "rounds"}
+
+
+def check_schema(report):
+    assert report["schema"] == bench.SCHEMA
+    assert {"suite", "created", "machine", "frameworks", "cases", "ratios", "hvp_over_grad"} <= set(
+        report
+    )
+    assert {"name", "cpu", "cores", "device"} <= set(report["machine"])
+    for fw in report["frameworks"]:
+        assert fw["framework"] in ("jax", "torch") and fw["peak_gflops"] > 0
+        assert fw["threads"] >= 1
+    for c in report["cases"]:
+        assert CASE_KEYS <= set(c), c
+        assert c["status"] in ("ok", "unsupported", "error")
+        if c["status"] == "ok":
+            assert TIMED_KEYS <= set(c)
+            assert 0 < c["median_s"] and c["iqr_s"] >= 0 and c["compile_s"] > 0
+    json.dumps(report)  # plain data
+
+
+@pytest.fixture(scope="module")
+def report():
+    return bench.run(suite="tiny", only="seed/grad,seed/hvp,scalar/*", progress=False)
+
+
+def test_tiny_suite_end_to_end(report):
+    check_schema(report)
+    got = {c["key"]: c for c in report["cases"]}
+    expected = {c.key for c in _cases.cases("tiny", "seed/grad,seed/hvp,scalar/*")}
+    assert set(got) == expected
+    assert got["seed/grad/fgrad"]["status"] == "ok"
+    assert got["seed/grad/torch"]["status"] == "ok"
+    assert got["seed/hvp/torch.compile"]["status"] == "unsupported"
+    assert "double backward" in got["seed/hvp/torch.compile"]["error"]
+    assert got["scalar/derivative8/torch.compile"]["status"] == "unsupported"
+    assert got["seed/grad/fgrad"]["flops"] and got["seed/grad/fgrad"]["memory_bytes"]
+    ratio = {(r["workload"], r["op"]): r for r in report["ratios"]}
+    assert ratio[("seed", "grad")]["fgrad/jax"] > 0
+    assert ratio[("seed", "grad")]["fgrad/torch"] > 0
+    assert ratio[("scalar", "derivative8")]["fgrad/fgrad-nested"] > 0
+    assert "seed/fgrad" in report["hvp_over_grad"]
+
+
+def test_render_and_plot(report, tmp_path):
+    out = io.StringIO()
+    bench._report.render(report, out)
+    text = out.getvalue()
+    assert "seed" in text and "/torch" in text and "matmul peak" in text
+    path = tmp_path / "p.png"
+    bench.plot(report, str(path))
+    assert path.stat().st_size > 1000
+
+
+def test_failing_case_is_reported_not_fatal(capsys):
+    broken = Workload("broken", "mlp", {"inputs": 4}, 2)  # config lacks width/depth
+    args = argparse.Namespace(
+        device="cpu", threads=0, min_time=0.001, rounds=1, matmul=64
+    )
+    ok = _cases.Case(Workload("seed", "seed", {}, 1), "grad", "fgrad")
+    _worker.run_jax(args, [_cases.Case(broken, "grad", "fgrad"), ok])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[0]["type"] == "meta"
+    assert lines[1]["status"] == "error" and "KeyError" in lines[1]["error"]
+    assert lines[2]["status"] == "ok"  # the next case still ran
+
+
+def test_crashed_worker_cases_are_errors():
+    bar = bench._Progress(1, io.StringIO(), enabled=False)
+    meta, results = bench._run_worker(
+        "jax", "tiny", "no-such-case", "cpu", 0, ["ghost/grad/fgrad"], bar
+    )
+    assert meta["framework"] == "jax"
+    assert results[-1]["key"] == "ghost/grad/fgrad" and results[-1]["status"] == "error"
+
+
+def test_cli_writes_json_and_plot(tmp_path, capsys):
+    j, p = tmp_path / "r.json", tmp_path / "r.png"
+    code = cli.main(
+        [
+            "bench",
+            "--suite",
+            "tiny",
+            "--device",
+            "cpu",
+            "--only",
+            "seed/grad",
+            "--json",
+            str(j),
+            "--plot",
+            str(p),
+        ]
+    )
+    assert code == 0
+    check_schema(json.loads(j.read_text()))
+    assert p.exists()
+    assert "seed" in capsys.readouterr().out
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown suite"):
+        bench.run(suite="huge")
+    with pytest.raises(ValueError, match="no case matches"):
+        bench.run(suite="tiny", only="nothing/*", progress=False)
