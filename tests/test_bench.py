@@ -68,9 +68,7 @@ def test_render_and_plot(report, tmp_path):
 
 def test_failing_case_is_reported_not_fatal(capsys):
     broken = Workload("broken", "mlp", {"inputs": 4}, 2)  # config lacks width/depth
-    args = argparse.Namespace(
-        device="cpu", threads=0, min_time=0.001, rounds=1, matmul=64
-    )
+    args = argparse.Namespace(device="cpu", threads=0, min_time=0.001, rounds=1, matmul=64)
     ok = _cases.Case(Workload("seed", "seed", {}, 1), "grad", "fgrad")
     _worker.run_jax(args, [_cases.Case(broken, "grad", "fgrad"), ok])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]

@@ -65,6 +65,13 @@ def test_equals_full_batch_mean_gradient(full, kw):
     assert_tree_allclose(got, grad)
 
 
+def test_unrolled_loop_gives_the_same_result(full):
+    params, batch, (value, grad) = full
+    for unroll in (True, 2):
+        v, g = fgrad.accumulate(loss_fn, params, batch, microbatches=4, unroll=unroll)
+        assert_tree_allclose((v, g), (value, grad))
+
+
 def test_smaller_last_microbatch_is_weighted_exactly(full):
     """24 = 4 * 5 + 4: the last micro-batch has 4 examples and weight 4/24, not 1/5."""
     params, batch, (value, grad) = full

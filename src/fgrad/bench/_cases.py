@@ -12,6 +12,7 @@ OPS = (
     "grad_intermediates",
     "backward_accumulate",
     "microbatch",
+    "microbatch_unrolled",
     "input_gradient",
     "wgan_gp",
     "hvp",
@@ -53,6 +54,7 @@ def _ops_for(w: Workload) -> list[str]:
     ops = [op for op in OPS if op not in ("hessian", "derivative8")]
     if w.batch % 4:
         ops.remove("microbatch")
+        ops.remove("microbatch_unrolled")
     if _n_params(w) <= MAX_HESSIAN_PARAMS:
         ops.append("hessian")
     return ops

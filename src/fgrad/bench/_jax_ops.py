@@ -97,9 +97,12 @@ def build(op: str, impl: str, w: Workload) -> tuple[Callable, tuple]:
         two = lambda p, b: jax.tree.map(jnp.add, jax.grad(plain)(p, b), jax.grad(plain2)(p, b))
         return jax.jit(two), (params, batch)
 
-    if op == "microbatch":
+    if op in ("microbatch", "microbatch_unrolled"):
+        unroll = op == "microbatch_unrolled"
         if ours:
-            f = lambda p, b: fgrad.accumulate(plain, p, b, microbatches=K_MICRO)[1]
+            f = lambda p, b: fgrad.accumulate(
+                plain, p, b, microbatches=K_MICRO, unroll=unroll or 1
+            )[1]
             return jax.jit(f), (params, batch)
 
         def scan(p, b):
@@ -110,7 +113,7 @@ def build(op: str, impl: str, w: Workload) -> tuple[Callable, tuple]:
                 return jax.tree.map(lambda a, d: a + d / K_MICRO, acc, g), None
 
             zeros = jax.tree.map(jnp.zeros_like, p)
-            return jax.lax.scan(body, zeros, chunks)[0]
+            return jax.lax.scan(body, zeros, chunks, unroll=unroll or 1)[0]
 
         return jax.jit(scan), (params, batch)
 
