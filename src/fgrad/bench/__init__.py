@@ -21,7 +21,7 @@ from fgrad.bench._report import add_derived, plot, ratios, render
 SCHEMA = 1
 SUITE_SETTINGS = {  # min seconds per timing round, rounds, matmul size for the peak
     "tiny": (0.005, 3, 256),
-    "quick": (0.05, 5, 1024),
+    "quick": (0.05, 7, 1024),
     "full": (0.2, 10, 2048),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -15,17 +16,12 @@ def measure(
     t0 = time.perf_counter()
     sync(run())
     first = time.perf_counter() - t0
-    sync(run())  # one more warm-up call
-    n = 1
-    while True:
+    singles = []
+    for _ in range(3):  # warm-up calls, and the per-call time that sizes a round
         t0 = time.perf_counter()
-        for _ in range(n):
-            out = run()
-        sync(out)
-        dt = time.perf_counter() - t0
-        if dt >= min_time or n >= 1 << 20:
-            break
-        n *= 2 if dt <= 0 else max(2, min(16, int(min_time / dt) + 1))
+        sync(run())
+        singles.append(time.perf_counter() - t0)
+    n = max(1, min(1 << 20, math.ceil(min_time / max(min(singles), 1e-9))))
     per_call = []
     for _ in range(rounds):
         t0 = time.perf_counter()
