@@ -54,3 +54,11 @@ def randomize_batchnorm(bn: nn.BatchNorm2d, seed=0):
         bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
         bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
         bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+
+
+def make_torch_cnn(seed=0, classes=10):
+    """The TorchCNN with seeded weights and non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    m = TorchCNN(classes).eval()
+    randomize_batchnorm(m.bn)
+    return m

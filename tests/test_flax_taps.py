@@ -13,7 +13,7 @@ from flax import nnx
 import fgrad
 from fgrad.interop import torch as tt
 from helpers import assert_tree_allclose
-from models_torch_flax import LinenCNN, NnxCNN, TorchCNN, randomize_batchnorm
+from models_torch_flax import LinenCNN, NnxCNN, make_torch_cnn
 
 LAYERS = ["conv1", "bn", "conv2", "fc"]
 X = np.random.default_rng(0).normal(size=(4, 1, 8, 8)).astype(np.float32)
@@ -22,10 +22,7 @@ Y = np.array([1, 0, 3, 9])
 
 @pytest.fixture(scope="module")
 def cnn():
-    torch.manual_seed(0)
-    m = TorchCNN().eval()
-    randomize_batchnorm(m.bn)
-    return m
+    return make_torch_cnn()
 
 
 def nhwc(t):

@@ -13,7 +13,7 @@ import fgrad
 from fgrad import penalties as P
 from fgrad.interop.torch import to_linen
 from helpers import assert_tree_allclose, from_torch
-from models_torch_flax import LinenCNN, TorchCNN, randomize_batchnorm
+from models_torch_flax import LinenCNN, make_torch_cnn
 
 B, D, H, C = 6, 3, 8, 2
 RNG = np.random.default_rng(0)
@@ -161,9 +161,7 @@ def test_value_and_param_gradient_match_torch(mlp, name):
 
 
 def test_cnn_critic_wgan_gp_and_r1_match_torch():
-    torch.manual_seed(1)
-    net = TorchCNN(classes=1).eval()
-    randomize_batchnorm(net.bn)
+    net = make_torch_cnn(seed=1, classes=1)
     real = RNG.normal(size=(4, 1, 8, 8)).astype(np.float32)
     fake = RNG.normal(size=(4, 1, 8, 8)).astype(np.float32)
     eps = RNG.uniform(size=4).astype(np.float32)

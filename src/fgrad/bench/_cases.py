@@ -29,6 +29,11 @@ MAX_HESSIAN_PARAMS = 1000  # dense Hessians only on small models
 SCALAR = Workload("scalar", "scalar", {}, 1)  # the n-th derivative of sin(tanh(x) e^x)
 
 
+class Unsupported(Exception):
+    """A framework cannot run this case (e.g. torch.compile and double backward): reported
+    as "unsupported", not as a failure."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     workload: Workload

@@ -8,14 +8,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fgrad.bench._cases import DOUBLE_BACKWARD
+from fgrad.bench._cases import DOUBLE_BACKWARD, Unsupported
 from fgrad.bench._workloads import Workload, torch_forward
 
 K_MICRO = 4
-
-
-class Unsupported(Exception):
-    """The framework cannot run this operation; reported, not a failure."""
 
 
 def _data(w: Workload, device):

@@ -16,6 +16,8 @@ import sys
 import time
 import traceback
 
+from fgrad.bench._cases import Unsupported
+
 
 def _setup_jax_env(device: str, threads: int) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
@@ -46,6 +48,32 @@ def _peak_gflops(matmul, sync, n: int) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def _run_cases(todo, framework: str, time_case) -> None:
+    """Runs each case through ``time_case(case) -> dict`` and emits one record per case;
+    an exception is recorded with the case, never fatal."""
+    for case in todo:
+        rec = {
+            "type": "case",
+            "key": case.key,
+            "workload": case.workload.name,
+            "op": case.op,
+            "impl": case.impl,
+            "framework": framework,
+        }
+        try:
+            rec.update(time_case(case))
+            rec["status"] = "ok"
+        except Unsupported as e:
+            rec.update(status="unsupported", error=str(e))
+        except Exception as e:  # reported, never fatal
+            rec.update(
+                status="error",
+                error=f"{type(e).__name__}: {e}",
+                traceback=traceback.format_exc(limit=4),
+            )
+        _emit(rec)
+
+
 def run_jax(args, todo) -> None:
     _setup_jax_env(args.device, args.threads)
     import jax
@@ -69,37 +97,19 @@ def run_jax(args, todo) -> None:
             "peak_gflops": _peak_gflops(lambda: mm(a), sync, args.matmul),
         }
     )
-    for case in todo:
-        rec = {
-            "type": "case",
-            "key": case.key,
-            "workload": case.workload.name,
-            "op": case.op,
-            "impl": case.impl,
-            "framework": "jax",
+
+    def time_case(case):
+        if case.op == "derivative8":
+            fn, fargs = _jax_ops.build_scalar(case.op, case.impl)
+        else:
+            fn, fargs = _jax_ops.build(case.op, case.impl, case.workload)
+        run = lambda: fn(*fargs)
+        return {
+            **measure(run, sync, min_time=args.min_time, rounds=args.rounds),
+            **_jax_ops.cost(fn, fargs),
         }
-        try:
-            if case.op == "derivative8":
-                fn, fargs = _jax_ops.build_scalar(case.op, case.impl)
-            else:
-                fn, fargs = _jax_ops.build(case.op, case.impl, case.workload)
-            rec.update(
-                measure(
-                    lambda fn=fn, fargs=fargs: fn(*fargs),
-                    sync,
-                    min_time=args.min_time,
-                    rounds=args.rounds,
-                )
-            )
-            rec.update(_jax_ops.cost(fn, fargs))
-            rec["status"] = "ok"
-        except Exception as e:  # reported, never fatal
-            rec.update(
-                status="error",
-                error=f"{type(e).__name__}: {e}",
-                traceback=traceback.format_exc(limit=4),
-            )
-        _emit(rec)
+
+    _run_cases(todo, "jax", time_case)
 
 
 def run_torch(args, todo) -> None:
@@ -125,34 +135,19 @@ def run_torch(args, todo) -> None:
             "peak_gflops": _peak_gflops(lambda: a @ a, sync, args.matmul),
         }
     )
-    for case in todo:
-        rec = {
-            "type": "case",
-            "key": case.key,
-            "workload": case.workload.name,
-            "op": case.op,
-            "impl": case.impl,
-            "framework": "torch",
-        }
-        try:
-            if case.op == "derivative8":
-                run = _torch_ops.build_scalar(case.op, case.impl, device)
-            else:
-                run = _torch_ops.build(case.op, case.impl, case.workload, device)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            rec.update(measure(run, sync, min_time=args.min_time, rounds=args.rounds))
-            rec["memory_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
-            rec["status"] = "ok"
-        except _torch_ops.Unsupported as e:
-            rec.update(status="unsupported", error=str(e))
-        except Exception as e:  # reported, never fatal
-            rec.update(
-                status="error",
-                error=f"{type(e).__name__}: {e}",
-                traceback=traceback.format_exc(limit=4),
-            )
-        _emit(rec)
+
+    def time_case(case):
+        if case.op == "derivative8":
+            run = _torch_ops.build_scalar(case.op, case.impl, device)
+        else:
+            run = _torch_ops.build(case.op, case.impl, case.workload, device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rec = measure(run, sync, min_time=args.min_time, rounds=args.rounds)
+        rec["memory_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        return rec
+
+    _run_cases(todo, "torch", time_case)
 
 
 def main(argv=None) -> int:

@@ -167,6 +167,21 @@ def hidden_names(w: Workload) -> list[str]:
 # --- forward passes ------------------------------------------------------------------------
 
 
+def _seed_forward(p, x, tap):
+    """The seed network, the same code for JAX arrays and torch tensors."""
+    l = tap("l", x @ p["linear1.weight"].T)
+    return (l @ p["linear2.weight"].T + p["linear2.bias"]) ** 2
+
+
+def _mlp_forward(depth: int, tanh: Callable) -> Callable:
+    def mlp(p, x, tap):
+        for i in range(depth):
+            x = tap(f"h{i}", tanh(x @ p[f"fc{i}.weight"].T + p[f"fc{i}.bias"]))
+        return x @ p[f"fc{depth}.weight"].T + p[f"fc{depth}.bias"]
+
+    return mlp
+
+
 def jax_forward(w: Workload) -> Callable[[Any, Any, Callable], Any]:
     """``forward(params, x, tap) -> outputs`` in JAX; ``tap(name, h)`` wraps each hidden
     value (identity, fgrad.tap, or an explicit perturbation)."""
@@ -174,21 +189,9 @@ def jax_forward(w: Workload) -> Callable[[Any, Any, Callable], Any]:
     import jax.numpy as jnp
 
     if w.kind == "seed":
-
-        def seed(p, x, tap):
-            l = tap("l", x @ p["linear1.weight"].T)
-            return (l @ p["linear2.weight"].T + p["linear2.bias"]) ** 2
-
-        return seed
+        return _seed_forward
     if w.kind == "mlp":
-
-        def mlp(p, x, tap):
-            for i in range(w.config["depth"]):
-                x = tap(f"h{i}", jnp.tanh(x @ p[f"fc{i}.weight"].T + p[f"fc{i}.bias"]))
-            i = w.config["depth"]
-            return x @ p[f"fc{i}.weight"].T + p[f"fc{i}.bias"]
-
-        return mlp
+        return _mlp_forward(w.config["depth"], jnp.tanh)
     if w.kind == "cnn":
 
         def conv(x, k, b):  # NHWC activations, PyTorch OIHW kernels
@@ -235,21 +238,9 @@ def torch_forward(w: Workload) -> Callable[[Any, Any, Callable], Any]:
     import torch.nn.functional as F
 
     if w.kind == "seed":
-
-        def seed(p, x, tap):
-            l = tap("l", x @ p["linear1.weight"].T)
-            return (l @ p["linear2.weight"].T + p["linear2.bias"]) ** 2
-
-        return seed
+        return _seed_forward
     if w.kind == "mlp":
-
-        def mlp(p, x, tap):
-            for i in range(w.config["depth"]):
-                x = tap(f"h{i}", torch.tanh(x @ p[f"fc{i}.weight"].T + p[f"fc{i}.bias"]))
-            i = w.config["depth"]
-            return x @ p[f"fc{i}.weight"].T + p[f"fc{i}.bias"]
-
-        return mlp
+        return _mlp_forward(w.config["depth"], torch.tanh)
     if w.kind == "cnn":
 
         def cnn(p, x, tap):
