@@ -167,6 +167,11 @@ def hidden_names(w: Workload) -> list[str]:
 # --- forward passes ------------------------------------------------------------------------
 
 
+def _linear(p, name, x):
+    """PyTorch's Linear, ``x Wᵀ + b``: the same code for JAX arrays and torch tensors."""
+    return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+
 def _seed_forward(p, x, tap):
     """The seed network, the same code for JAX arrays and torch tensors."""
     l = tap("l", x @ p["linear1.weight"].T)
@@ -176,8 +181,8 @@ def _seed_forward(p, x, tap):
 def _mlp_forward(depth: int, tanh: Callable) -> Callable:
     def mlp(p, x, tap):
         for i in range(depth):
-            x = tap(f"h{i}", tanh(x @ p[f"fc{i}.weight"].T + p[f"fc{i}.bias"]))
-        return x @ p[f"fc{depth}.weight"].T + p[f"fc{depth}.bias"]
+            x = tap(f"h{i}", tanh(_linear(p, f"fc{i}", x)))
+        return _linear(p, f"fc{depth}", x)
 
     return mlp
 
@@ -203,14 +208,12 @@ def jax_forward(w: Workload) -> Callable[[Any, Any, Callable], Any]:
         def cnn(p, x, tap):
             h = tap("conv1", jax.nn.relu(conv(x, p["conv1.weight"], p["conv1.bias"])))
             h = tap("conv2", jax.nn.relu(conv(h, p["conv2.weight"], p["conv2.bias"])))
-            return h.mean(axis=(1, 2)) @ p["fc.weight"].T + p["fc.bias"]
+            return _linear(p, "fc", h.mean(axis=(1, 2)))
 
         return cnn
 
     heads = w.config["heads"]
-
-    def lin(p, name, x):
-        return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+    lin = _linear
 
     def ln(p, name, x):
         mu = x.mean(-1, keepdims=True)
@@ -246,14 +249,12 @@ def torch_forward(w: Workload) -> Callable[[Any, Any, Callable], Any]:
         def cnn(p, x, tap):
             h = tap("conv1", F.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=1)))
             h = tap("conv2", F.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"], padding=1)))
-            return h.mean(dim=(2, 3)) @ p["fc.weight"].T + p["fc.bias"]
+            return _linear(p, "fc", h.mean(dim=(2, 3)))
 
         return cnn
 
     heads = w.config["heads"]
-
-    def lin(p, name, x):
-        return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+    lin = _linear
 
     def block(p, x, tap):
         n, s, d = x.shape
