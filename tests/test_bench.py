@@ -68,7 +68,9 @@ def test_render_and_plot(report, tmp_path):
 
 def test_failing_case_is_reported_not_fatal(capsys):
     broken = Workload("broken", "mlp", {"inputs": 4}, 2)  # config lacks width/depth
-    args = argparse.Namespace(device="cpu", threads=0, min_time=0.001, rounds=1, matmul=64)
+    args = argparse.Namespace(
+        device="cpu", threads=0, min_time=0.001, rounds=1, matmul=64, precision="float32"
+    )
     ok = _cases.Case(Workload("seed", "seed", {}, 1), "grad", "fgrad")
     _worker.run_jax(args, [_cases.Case(broken, "grad", "fgrad"), ok])
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -80,14 +82,14 @@ def test_failing_case_is_reported_not_fatal(capsys):
 def test_crashed_worker_cases_are_errors():
     bar = bench._Progress(1, io.StringIO(), enabled=False)
     meta, results = bench._run_worker(
-        "jax", "tiny", "no-such-case", "cpu", 0, ["ghost/grad/fgrad"], bar
+        "jax", "tiny", "no-such-case", "cpu", 0, "float32", ["ghost/grad/fgrad"], bar, None
     )
     assert meta["framework"] == "jax"
     assert results[-1]["key"] == "ghost/grad/fgrad" and results[-1]["status"] == "error"
 
 
 def test_cli_writes_json_and_plot(tmp_path, capsys):
-    j, p = tmp_path / "r.json", tmp_path / "r.png"
+    j, p, log = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.jsonl"
     code = cli.main(
         [
             "bench",
@@ -101,12 +103,21 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
             str(j),
             "--plot",
             str(p),
+            "--log",
+            str(log),
         ]
     )
     assert code == 0
-    check_schema(json.loads(j.read_text()))
+    report = json.loads(j.read_text())
+    check_schema(report)
     assert p.exists()
     assert "seed" in capsys.readouterr().out
+    # the log holds every worker record as it arrived: one meta per framework, every case
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["framework"] for x in lines if x["type"] == "meta"] == ["jax", "torch"]
+    assert {x["key"] for x in lines if x["type"] == "case"} == {c["key"] for c in report["cases"]}
+    assert all(x["precision"] == "float32" for x in lines if x["type"] == "meta")
+    assert report["precision"] == "float32"
 
 
 def test_errors():
@@ -114,3 +125,32 @@ def test_errors():
         bench.run(suite="huge")
     with pytest.raises(ValueError, match="no case matches"):
         bench.run(suite="tiny", only="nothing/*", progress=False)
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        bench.run(suite="tiny", precision="fp8", progress=False)
+
+
+def test_machine_name_names_the_gpu():
+    cpu = bench.machine("cpu")
+    assert cpu["name"].startswith("cpu-") and cpu["name"].endswith(f"-{cpu['cores']}c")
+    assert cpu["accelerator"] is None
+    metas = [
+        {"framework": "jax", "backend": "gpu", "device_kind": "NVIDIA H200"},
+        {"framework": "torch", "backend": "cuda", "device_kind": "NVIDIA H200"},
+    ]
+    gpu = bench.machine("gpu", bench._accelerator(metas))
+    assert gpu["name"] == "gpu-nvidia-h200" and gpu["accelerator"] == "NVIDIA H200"
+    on_cpu = [{"framework": "jax", "backend": "cpu", "device_kind": "cpu"}]
+    assert bench._accelerator(on_cpu) is None
+
+
+@pytest.mark.parametrize(("precision", "mode"), [("float32", "ieee"), ("tf32", "tf32")])
+def test_torch_precision_is_set_explicitly(precision, mode):
+    import torch
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        _worker._set_torch_precision(torch, precision)
+        assert (matmul.fp32_precision, conv.fp32_precision) == (mode, mode)
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before

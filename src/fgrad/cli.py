@@ -50,6 +50,22 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="threads per framework (default: all cores); reported either way",
     )
+    b.add_argument(
+        "--precision",
+        choices=("float32", "tf32"),
+        default="float32",
+        help=(
+            "what float32 matmuls and convolutions compute, set alike in both frameworks: "
+            "full float32 (default) or TensorFloat-32 on GPUs that have it (JAX's GPU "
+            "default; no effect on a CPU)"
+        ),
+    )
+    b.add_argument(
+        "--log",
+        metavar="PATH",
+        help="append every result as a JSON line the moment it is measured "
+        "(an interrupted run keeps what it measured)",
+    )
     return p
 
 
@@ -72,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             plot_path=args.plot,
             threads=args.threads,
             out=sys.stdout,
+            precision=args.precision,
+            log_path=args.log,
         )
     raise AssertionError(args.command)  # argparse rejects unknown commands
 

@@ -17,13 +17,16 @@ from typing import Any, TextIO
 
 from fgrad.bench._cases import cases
 from fgrad.bench._report import add_derived, plot, ratios, render
+from fgrad.bench._worker import JAX_PRECISION
 
 SCHEMA = 1
+PRECISIONS = tuple(JAX_PRECISION)  # float32, tf32
 SUITE_SETTINGS = {  # min seconds per timing round, rounds, matmul size for the peak
     "tiny": (0.005, 3, 256),
     "quick": (0.05, 7, 1024),
     "full": (0.2, 10, 2048),
 }
+GPU_MATMUL = 8192  # matmul size for a GPU's peak: milliseconds per product, not launches
 
 
 def _cpu_model() -> str:
@@ -37,15 +40,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine(device: str) -> dict[str, Any]:
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine(device: str, accelerator: str | None = None) -> dict[str, Any]:
+    """Describes this machine; ``name`` (the results file's stem) names the accelerator
+    when the suite ran on one (``gpu-nvidia-h200``), else the CPU and its core count."""
     model = _cpu_model()
     cores = os.cpu_count() or 1
-    name = f"{device}-{re.sub(r'[^a-z0-9]+', '-', model.lower()).strip('-')}-{cores}c"
+    if device == "gpu" and accelerator:
+        name = f"gpu-{_slug(accelerator)}"
+    else:
+        name = f"{device}-{_slug(model)}-{cores}c"
     return {
         "name": name[:80],
         "cpu": model,
         "cores": cores,
         "device": device,
+        "accelerator": accelerator if device == "gpu" else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
@@ -77,8 +90,12 @@ class _Progress:
         self.out.flush()
 
 
-def _run_worker(framework: str, suite: str, only, device, threads, todo_keys, progress) -> tuple:
+def _run_worker(
+    framework: str, suite: str, only, device, threads, precision, todo_keys, progress, log
+) -> tuple:
     min_time, rounds, mm = SUITE_SETTINGS[suite]
+    if device == "gpu":  # a 1024 matmul takes tens of microseconds there: launch-bound
+        mm = max(mm, GPU_MATMUL)
     cmd = [
         sys.executable,
         "-m",
@@ -97,6 +114,8 @@ def _run_worker(framework: str, suite: str, only, device, threads, todo_keys, pr
         str(rounds),
         "--matmul",
         str(mm),
+        "--precision",
+        precision,
     ]
     if only:
         cmd += ["--only", only]
@@ -108,6 +127,9 @@ def _run_worker(framework: str, suite: str, only, device, threads, todo_keys, pr
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if log is not None:  # each record as it arrives: an interrupted run keeps them
+            log.write(line if line.endswith("\n") else line + "\n")
+            log.flush()
         if rec.get("type") == "meta":
             meta = rec
         elif rec.get("type") == "case":
@@ -144,12 +166,24 @@ def run(
     device: str = "cpu",
     only: str | None = None,
     threads: int = 0,
+    precision: str = "float32",
     out: TextIO = sys.stderr,
     progress: bool = True,
+    log: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Runs a suite and returns the report (plain data, the JSON schema)."""
+    """Runs a suite and returns the report (plain data, the JSON schema).
+
+    ``precision`` is what float32 matmuls and convolutions compute in both frameworks:
+    ``"float32"`` (full precision) or ``"tf32"`` (TensorFloat-32 where the GPU has it; no
+    effect on a CPU). ``log``, if given, receives every worker record as a JSON line the
+    moment it arrives.
+    """
     if suite not in SUITE_SETTINGS:
         raise ValueError(f"fgrad bench: unknown suite {suite!r}; use tiny, quick or full.")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"fgrad bench: unknown precision {precision!r}; use {' or '.join(PRECISIONS)}."
+        )
     have_torch = _torch_available()
     todo = cases(suite, only, torch=have_torch)
     if not todo:
@@ -159,7 +193,7 @@ def run(
     for fw in ("jax", "torch") if have_torch else ("jax",):
         keys = [c.key for c in todo if c.framework == fw]
         if keys:
-            meta, res = _run_worker(fw, suite, only, device, threads, keys, bar)
+            meta, res = _run_worker(fw, suite, only, device, threads, precision, keys, bar, log)
             frameworks.append(meta)
             results += res
     for r in results:
@@ -169,7 +203,8 @@ def run(
         "suite": suite,
         "only": only,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(device),
+        "machine": machine(device, _accelerator(frameworks)),
+        "precision": precision,
         "frameworks": frameworks,
         "torch_installed": have_torch,
         "cases": results,
@@ -177,6 +212,15 @@ def run(
     report["ratios"] = ratios(results)
     add_derived(report)
     return report
+
+
+def _accelerator(frameworks: list[dict]) -> str | None:
+    """The GPU's name as the workers saw it (JAX's device kind, else PyTorch's)."""
+    for meta in frameworks:
+        kind = meta.get("device_kind")
+        if kind and meta.get("backend") not in (None, "cpu"):
+            return kind
+    return None
 
 
 def main(
@@ -188,16 +232,25 @@ def main(
     plot_path: str | None,
     threads: int,
     out: TextIO,
+    precision: str = "float32",
+    log_path: str | None = None,
 ) -> int:
     if device == "auto":
         device = "gpu" if _gpu_available() else "cpu"
-    report = run(
-        suite=suite,
-        device=device,
-        only=only,
-        threads=threads,
-        progress=sys.stderr.isatty() or bool(os.environ.get("FGRAD_PROGRESS")),
-    )
+    log = open(log_path, "a") if log_path else None  # closed below
+    try:
+        report = run(
+            suite=suite,
+            device=device,
+            only=only,
+            threads=threads,
+            precision=precision,
+            progress=sys.stderr.isatty() or bool(os.environ.get("FGRAD_PROGRESS")),
+            log=log,
+        )
+    finally:
+        if log is not None:
+            log.close()
     render(report, out)
     if not report["torch_installed"]:
         print(

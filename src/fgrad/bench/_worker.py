@@ -29,6 +29,24 @@ def _setup_jax_env(device: str, threads: int) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+# --precision: what a float32 matmul or convolution computes. JAX's GPU default is
+# TensorFloat-32 and PyTorch's matmul default is full float32 (its cuDNN convolutions
+# default to TF32), so each framework is set explicitly to do the same work. CPUs have
+# no TF32: both compute full float32 there either way.
+JAX_PRECISION = {"float32": "float32", "tf32": "tensorfloat32"}
+TORCH_PRECISION = {"float32": "ieee", "tf32": "tf32"}
+
+
+def _set_torch_precision(torch, precision: str) -> None:
+    mode = TORCH_PRECISION[precision]
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:  # older PyTorch: the legacy switches (mixing the two APIs is an error)
+        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+        torch.backends.cudnn.allow_tf32 = mode == "tf32"
+
+
 def _emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -82,6 +100,8 @@ def run_jax(args, todo) -> None:
     from fgrad.bench import _jax_ops
     from fgrad.bench._measure import measure
 
+    if jax.default_backend() != "cpu":  # the CPU computes full float32 regardless
+        jax.config.update("jax_default_matmul_precision", JAX_PRECISION[args.precision])
     sync = jax.block_until_ready
     a = jnp.ones((args.matmul, args.matmul), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
@@ -92,6 +112,8 @@ def run_jax(args, todo) -> None:
             "version": jax.__version__,
             "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()],
+            "device_kind": jax.devices()[0].device_kind,
+            "precision": args.precision,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "threads": args.threads or os.cpu_count(),
             "peak_gflops": _peak_gflops(lambda: mm(a), sync, args.matmul),
@@ -123,16 +145,23 @@ def run_torch(args, todo) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    _set_torch_precision(torch, args.precision)
     sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
-    a = torch.ones((args.matmul, args.matmul), device=device)
+
+    def peak() -> float:  # its matrix is freed on return: cases' peak memory is their own
+        a = torch.ones((args.matmul, args.matmul), device=device)
+        return _peak_gflops(lambda: a @ a, sync, args.matmul)
+
     _emit(
         {
             "type": "meta",
             "framework": "torch",
             "version": torch.__version__,
             "backend": device,
+            "device_kind": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "precision": args.precision,
             "threads": torch.get_num_threads(),
-            "peak_gflops": _peak_gflops(lambda: a @ a, sync, args.matmul),
+            "peak_gflops": peak(),
         }
     )
 
@@ -160,6 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=0.05)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--matmul", type=int, default=1024)
+    p.add_argument("--precision", default="float32", choices=tuple(JAX_PRECISION))
     args = p.parse_args(argv)
 
     from fgrad.bench._cases import cases
