@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fgrad import bench, cli
-from fgrad.bench import _cases, _worker
+from fgrad.bench import _cases, _measure, _worker
 from fgrad.bench._workloads import Workload
 
 CASE_KEYS = {"key", "workload", "op", "impl", "framework", "status"}
@@ -154,3 +154,35 @@ def test_torch_precision_is_set_explicitly(precision, mode):
         assert (matmul.fp32_precision, conv.fp32_precision) == (mode, mode)
     finally:
         matmul.fp32_precision, conv.fp32_precision = before
+
+
+def test_measure_group_interleaves_rounds_and_isolates_failures():
+    """Rounds alternate between implementations, their order rotated each round; one that
+    fails (at its first call, or mid-way) is reported while the others are still timed."""
+    calls = []
+
+    def impl(name, fail_after=None):
+        def run():
+            calls.append(name)
+            if fail_after is not None and calls.count(name) > fail_after:
+                raise RuntimeError(f"{name} broke")
+            return name
+
+        return run
+
+    runs = {
+        "a": impl("a"),
+        "b": impl("b"),
+        "late": impl("late", fail_after=6),
+        "dead": impl("dead", 0),
+    }
+    out = _measure.measure_group(runs, lambda _: None, min_time=0.0, rounds=3)
+    assert list(out) == ["a", "b", "late", "dead"]
+    assert isinstance(out["dead"], RuntimeError) and isinstance(out["late"], RuntimeError)
+    for key in ("a", "b"):
+        assert out[key]["rounds"] == 3 and out[key]["calls_per_round"] == 1
+        assert out[key]["min_s"] <= out[key]["median_s"] and out[key]["iqr_s"] >= 0
+    # after the first call and 3 warm-ups each (dead fails at its first), rounds rotate
+    rounds = calls[4 + 4 + 4 + 1 :]
+    # late's 7th call (its third round) fails, and the round goes on without it
+    assert rounds == ["a", "b", "late", "b", "late", "a", "late", "a", "b"]

@@ -254,11 +254,24 @@ def _run_higher(eqn, invals, path, plan, perturb, recorded):
     return outs
 
 
-def _run_scan(params, body, body_consts, invals, prefix, plan, perturb):
+def _scan_operands(params, invals) -> tuple[list, list, list]:
+    """A scan's operands split into (consts, initial carry, xs). JAX up to 0.10 counts
+    them (``num_consts``, ``num_carry``); JAX 0.11 describes them as a flat tree
+    (``ft_in``)."""
+    if "ft_in" in params:
+        consts, init, xs = params["ft_in"].update(list(invals)).unpack()
+        return list(consts), list(init), list(xs)
     n_consts, n_carry = params["num_consts"], params["num_carry"]
-    consts = invals[:n_consts]
-    init = invals[n_consts : n_consts + n_carry]
-    xs = invals[n_consts + n_carry :]
+    return (
+        list(invals[:n_consts]),
+        list(invals[n_consts : n_consts + n_carry]),
+        list(invals[n_consts + n_carry :]),
+    )
+
+
+def _run_scan(params, body, body_consts, invals, prefix, plan, perturb):
+    consts, init, xs = _scan_operands(params, invals)
+    n_carry = len(init)
 
     def step(carry, x):
         x_t, p_t = x

@@ -17,6 +17,7 @@ import time
 import traceback
 
 from fgrad.bench._cases import Unsupported
+from fgrad.bench._measure import measure_group
 
 
 def _setup_jax_env(device: str, threads: int) -> None:
@@ -66,30 +67,57 @@ def _peak_gflops(matmul, sync, n: int) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _run_cases(todo, framework: str, time_case) -> None:
-    """Runs each case through ``time_case(case) -> dict`` and emits one record per case;
-    an exception is recorded with the case, never fatal."""
+def _fail(rec: dict, e: BaseException) -> None:
+    if isinstance(e, Unsupported):
+        rec.update(status="unsupported", error=str(e))
+    else:
+        rec.update(
+            status="error",
+            error=f"{type(e).__name__}: {e}",
+            traceback="".join(traceback.format_exception(e, limit=4)),
+        )
+
+
+def _run_cases(todo, framework: str, build, sync, args, extras=None) -> None:
+    """Times the cases, the implementations of one (workload, operation) together with
+    their rounds interleaved (`measure_group`), and emits one record per case.
+
+    ``build(case) -> (run, info)`` makes the no-argument callable; ``extras(info, run)``
+    adds what is measured apart from time (FLOPs, memory). An exception is recorded with
+    its case, never fatal."""
+    groups: dict[tuple, list] = {}
     for case in todo:
-        rec = {
-            "type": "case",
-            "key": case.key,
-            "workload": case.workload.name,
-            "op": case.op,
-            "impl": case.impl,
-            "framework": framework,
-        }
-        try:
-            rec.update(time_case(case))
-            rec["status"] = "ok"
-        except Unsupported as e:
-            rec.update(status="unsupported", error=str(e))
-        except Exception as e:  # reported, never fatal
-            rec.update(
-                status="error",
-                error=f"{type(e).__name__}: {e}",
-                traceback=traceback.format_exc(limit=4),
-            )
-        _emit(rec)
+        groups.setdefault((case.workload.name, case.op), []).append(case)
+    for group in groups.values():
+        recs, runs, infos = {}, {}, {}
+        for case in group:
+            recs[case.key] = {
+                "type": "case",
+                "key": case.key,
+                "workload": case.workload.name,
+                "op": case.op,
+                "impl": case.impl,
+                "framework": framework,
+            }
+            try:
+                runs[case.key], infos[case.key] = build(case)
+            except Exception as e:
+                _fail(recs[case.key], e)
+        timed = measure_group(runs, sync, min_time=args.min_time, rounds=args.rounds)
+        for key, res in timed.items():
+            if isinstance(res, Exception):
+                _fail(recs[key], res)
+                continue
+            try:
+                recs[key].update(res)
+                if extras is not None:
+                    recs[key].update(extras(infos[key], runs[key]))
+                recs[key]["status"] = "ok"
+            except Exception as e:
+                _fail(recs[key], e)
+        del runs, infos  # free this group's arrays before the next group's
+        for case in group:
+            _emit(recs[case.key])
 
 
 def run_jax(args, todo) -> None:
@@ -98,7 +126,6 @@ def run_jax(args, todo) -> None:
     import jax.numpy as jnp
 
     from fgrad.bench import _jax_ops
-    from fgrad.bench._measure import measure
 
     if jax.default_backend() != "cpu":  # the CPU computes full float32 regardless
         jax.config.update("jax_default_matmul_precision", JAX_PRECISION[args.precision])
@@ -120,25 +147,20 @@ def run_jax(args, todo) -> None:
         }
     )
 
-    def time_case(case):
+    def build(case):
         if case.op == "derivative8":
             fn, fargs = _jax_ops.build_scalar(case.op, case.impl)
         else:
             fn, fargs = _jax_ops.build(case.op, case.impl, case.workload)
-        run = lambda: fn(*fargs)
-        return {
-            **measure(run, sync, min_time=args.min_time, rounds=args.rounds),
-            **_jax_ops.cost(fn, fargs),
-        }
+        return (lambda: fn(*fargs)), (fn, fargs)
 
-    _run_cases(todo, "jax", time_case)
+    _run_cases(todo, "jax", build, sync, args, lambda info, run: _jax_ops.cost(*info))
 
 
 def run_torch(args, todo) -> None:
     import torch
 
     from fgrad.bench import _torch_ops
-    from fgrad.bench._measure import measure
 
     device = "cuda" if args.device == "gpu" else "cpu"
     if args.device == "auto":
@@ -165,18 +187,29 @@ def run_torch(args, todo) -> None:
         }
     )
 
-    def time_case(case):
+    cuda = device == "cuda"
+    allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
+
+    def build(case):
+        before = allocated()
         if case.op == "derivative8":
             run = _torch_ops.build_scalar(case.op, case.impl, device)
         else:
             run = _torch_ops.build(case.op, case.impl, case.workload, device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        rec = measure(run, sync, min_time=args.min_time, rounds=args.rounds)
-        rec["memory_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
-        return rec
+        return run, allocated() - before  # the case's own tensors (parameters, batch)
 
-    _run_cases(todo, "torch", time_case)
+    def memory(inputs, run):
+        """Peak allocated bytes of one call: its own inputs plus what the call adds (the
+        other cases of its group are alive too, so their bytes are taken out)."""
+        if not cuda:
+            return {"memory_bytes": None}  # PyTorch keeps no CPU allocator statistics
+        sync(None)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        sync(run())
+        return {"memory_bytes": inputs + torch.cuda.max_memory_allocated() - base}
+
+    _run_cases(todo, "torch", build, sync, args, memory)
 
 
 def main(argv=None) -> int:
