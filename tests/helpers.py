@@ -49,3 +49,17 @@ def torch_seed_net():
     from fgrad._reproduce._torch_side import Net
 
     return Net()
+
+
+def cpu_data_parallel(axis: str):
+    """The 8 forced CPU devices (conftest) as a 1-D mesh, and two placements on it:
+    ``shard(tree)`` splits leading axes over the devices, ``replicate(tree)`` copies.
+    CPU devices explicitly, so sharding is tested the same on a machine with a GPU."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    cpus = jax.devices("cpu")
+    assert len(cpus) == 8, "conftest forces 8 CPU devices"
+    mesh = Mesh(np.array(cpus), (axis,))
+    shard = lambda t: jax.device_put(t, NamedSharding(mesh, PartitionSpec(axis)))
+    replicate = lambda t: jax.device_put(t, NamedSharding(mesh, PartitionSpec()))
+    return shard, replicate
