@@ -23,6 +23,8 @@ def check_schema(report):
     assert {"name", "cpu", "cores", "device"} <= set(report["machine"])
     for fw in report["frameworks"]:
         assert fw["framework"] in ("jax", "torch") and fw["peak_gflops"] > 0
+        # read before and after the cases; the higher reading is the peak
+        assert fw["peak_gflops"] == max(fw["peak_gflops_readings"])
         assert fw["threads"] >= 1
     for c in report["cases"]:
         assert CASE_KEYS <= set(c), c
@@ -115,6 +117,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     # the log holds every worker record as it arrived: one meta per framework, every case
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [x["framework"] for x in lines if x["type"] == "meta"] == ["jax", "torch"]
+    assert [x["framework"] for x in lines if x["type"] == "peak"] == ["jax", "torch"]
     assert {x["key"] for x in lines if x["type"] == "case"} == {c["key"] for c in report["cases"]}
     assert all(x["precision"] == "float32" for x in lines if x["type"] == "meta")
     assert report["precision"] == "float32"

@@ -132,6 +132,9 @@ def _run_worker(
             log.flush()
         if rec.get("type") == "meta":
             meta = rec
+        elif rec.get("type") == "peak" and meta is not None:
+            meta["peak_gflops_readings"] = [meta["peak_gflops"], rec["peak_gflops"]]
+            meta["peak_gflops"] = max(meta["peak_gflops_readings"])
         elif rec.get("type") == "case":
             results.append(rec)
             progress.step(rec["key"])
