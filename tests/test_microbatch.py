@@ -56,6 +56,8 @@ def full():
         {"microbatches": 4},
         {"microbatch_size": 5},
         {"microbatch_size": 24},
+        {"microbatches": 4, "split": "contiguous"},
+        {"microbatch_size": 5, "split": "contiguous"},
     ],
 )
 def test_equals_full_batch_mean_gradient(full, kw):
@@ -63,6 +65,23 @@ def test_equals_full_batch_mean_gradient(full, kw):
     got_value, got = jax.jit(lambda p, b: fgrad.accumulate(loss_fn, p, b, **kw))(params, batch)
     assert_tree_allclose(got_value, value)
     assert_tree_allclose(got, grad)
+
+
+@pytest.mark.parametrize("split", ["strided", "contiguous"])
+def test_which_examples_each_microbatch_holds(split):
+    """Each micro-batch's loss is the mean of its examples' indices and its weight (count)
+    the first index plus one, so the weighted mean tells which examples went where."""
+    k, m = 3, 4
+    batch = {"i": jnp.arange(k * m, dtype=jnp.float32)}
+    fn = lambda p, b: jnp.mean(b["i"]) + 0.0 * p
+    count = lambda b: b["i"][0] + 1.0
+    value, _ = fgrad.accumulate(
+        fn, jnp.float32(0.0), batch, microbatches=k, count=count, split=split
+    )
+    idx = np.arange(k * m).reshape((m, k) if split == "strided" else (k, m))
+    groups = idx.T if split == "strided" else idx
+    w = groups[:, 0] + 1.0
+    np.testing.assert_allclose(value, np.sum(w * groups.mean(axis=1)) / np.sum(w), rtol=1e-6)
 
 
 def test_unrolled_loop_gives_the_same_result(full):
@@ -199,6 +218,8 @@ def test_accumulate_then_step_matches_optax_multisteps():
 
 def test_errors(full):
     params, batch, _ = full
+    with pytest.raises(ValueError, match="split must be 'strided' or 'contiguous', got 'rows'"):
+        fgrad.accumulate(loss_fn, params, batch, microbatches=2, split="rows")
     with pytest.raises(ValueError, match="cannot be split into 5 equal micro-batches"):
         fgrad.accumulate(loss_fn, params, batch, microbatches=5)
     with pytest.raises(TypeError, match="exactly one of microbatches= or microbatch_size="):
