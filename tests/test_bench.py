@@ -130,6 +130,21 @@ def test_errors():
         bench.run(suite="tiny", only="nothing/*", progress=False)
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         bench.run(suite="tiny", precision="fp8", progress=False)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        bench.run(suite="tiny", device="tpu", progress=False)
+
+
+def test_gpu_without_a_gpu_says_what_to_do(capsys, monkeypatch):
+    """Without a GPU, JAX would silently fall back to the CPU: refuse instead."""
+    import jax
+
+    # the probe (a fresh process) sees what this process's JAX sees
+    assert bench._gpu_available() == (jax.default_backend() == "gpu")
+    monkeypatch.setattr(bench, "_gpu_available", lambda: False)
+    with pytest.raises(ValueError, match=r"JAX sees no GPU here.*--device cpu"):
+        bench.run(suite="tiny", device="gpu", progress=False)
+    assert cli.main(["bench", "--suite", "tiny", "--device", "gpu"]) == 2
+    assert "pip install 'jax[cuda13]'" in capsys.readouterr().err
 
 
 def test_machine_name_names_the_gpu():

@@ -80,17 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from fgrad import bench
 
-        return bench.main(
-            suite=args.suite,
-            device=args.device,
-            only=args.only,
-            json_path=args.json,
-            plot_path=args.plot,
-            threads=args.threads,
-            out=sys.stdout,
-            precision=args.precision,
-            log_path=args.log,
-        )
+        try:
+            return bench.main(
+                suite=args.suite,
+                device=args.device,
+                only=args.only,
+                json_path=args.json,
+                plot_path=args.plot,
+                threads=args.threads,
+                out=sys.stdout,
+                precision=args.precision,
+                log_path=args.log,
+            )
+        except ValueError as e:  # options that cannot run here: say what to do, no traceback
+            print(e, file=sys.stderr)
+            return 2
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

@@ -187,6 +187,14 @@ def run(
         raise ValueError(
             f"fgrad bench: unknown precision {precision!r}; use {' or '.join(PRECISIONS)}."
         )
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"fgrad bench: unknown device {device!r}; use cpu or gpu.")
+    if device == "gpu" and not _gpu_available():
+        raise ValueError(
+            "fgrad bench: --device gpu, but JAX sees no GPU here (its default backend is "
+            "the CPU). Install the CUDA builds of JAX and PyTorch (e.g. pip install "
+            "'jax[cuda13]' and a CUDA torch), or use --device cpu (or auto)."
+        )
     have_torch = _torch_available()
     todo = cases(suite, only, torch=have_torch)
     if not todo:
