@@ -37,11 +37,17 @@ def check_schema(report):
 
 @pytest.fixture(scope="module")
 def report():
-    return bench.run(suite="tiny", only="seed/grad,seed/hvp,scalar/*", progress=False)
+    return bench.run(
+        suite="tiny", device="auto", only="seed/grad,seed/hvp,scalar/*", progress=False
+    )
 
 
 def test_tiny_suite_end_to_end(report):
+    import jax
+
     check_schema(report)
+    # device="auto": the GPU where JAX sees one, else the CPU
+    assert report["machine"]["device"] == ("gpu" if jax.default_backend() == "gpu" else "cpu")
     got = {c["key"]: c for c in report["cases"]}
     expected = {c.key for c in _cases.cases("tiny", "seed/grad,seed/hvp,scalar/*")}
     assert set(got) == expected

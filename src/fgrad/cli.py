@@ -7,6 +7,8 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fgrad import bench  # light: no framework is imported until a worker starts
+
     p = argparse.ArgumentParser(
         prog="fgrad", description="PyTorch's autograd idioms as pure, jit-compiled JAX."
     )
@@ -35,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             "process; prints a summary table with ratios measured in the same run."
         ),
     )
-    b.add_argument("--suite", choices=("quick", "full", "tiny"), default="quick")
+    b.add_argument("--suite", choices=tuple(bench.SUITE_SETTINGS), default="quick")
     b.add_argument("--device", choices=("cpu", "gpu", "auto"), default="auto")
     b.add_argument(
         "--only",
@@ -52,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--precision",
-        choices=("float32", "tf32"),
+        choices=bench.PRECISIONS,
         default="float32",
         help=(
             "what float32 matmuls and convolutions compute, set alike in both frameworks: "

@@ -176,10 +176,10 @@ def run(
 ) -> dict[str, Any]:
     """Runs a suite and returns the report (plain data, the JSON schema).
 
-    ``precision`` is what float32 matmuls and convolutions compute in both frameworks:
-    ``"float32"`` (full precision) or ``"tf32"`` (TensorFloat-32 where the GPU has it; no
-    effect on a CPU). ``log``, if given, receives every worker record as a JSON line the
-    moment it arrives.
+    ``device="auto"`` is the GPU where JAX sees one, else the CPU. ``precision`` is what
+    float32 matmuls and convolutions compute in both frameworks: ``"float32"`` (full
+    precision) or ``"tf32"`` (TensorFloat-32 where the GPU has it; no effect on a CPU).
+    ``log``, if given, receives every worker record as a JSON line the moment it arrives.
     """
     if suite not in SUITE_SETTINGS:
         raise ValueError(f"fgrad bench: unknown suite {suite!r}; use tiny, quick or full.")
@@ -187,9 +187,12 @@ def run(
         raise ValueError(
             f"fgrad bench: unknown precision {precision!r}; use {' or '.join(PRECISIONS)}."
         )
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"fgrad bench: unknown device {device!r}; use cpu or gpu.")
-    if device == "gpu" and not _gpu_available():
+    if device not in ("cpu", "gpu", "auto"):
+        raise ValueError(f"fgrad bench: unknown device {device!r}; use cpu, gpu or auto.")
+    gpu = device != "cpu" and _gpu_available()  # one probe (a fresh JAX process)
+    if device == "auto":
+        device = "gpu" if gpu else "cpu"
+    if device == "gpu" and not gpu:
         raise ValueError(
             "fgrad bench: --device gpu, but JAX sees no GPU here (its default backend is "
             "the CPU). Install the CUDA builds of JAX and PyTorch (e.g. pip install "
@@ -246,8 +249,6 @@ def main(
     precision: str = "float32",
     log_path: str | None = None,
 ) -> int:
-    if device == "auto":
-        device = "gpu" if _gpu_available() else "cpu"
     log = open(log_path, "a") if log_path else None  # closed below
     try:
         report = run(

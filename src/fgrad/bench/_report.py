@@ -12,13 +12,18 @@ def _time(rows: dict, impl: str) -> float | None:
     return r["median_s"] if r and r.get("status") == "ok" else None
 
 
-def ratios(cases: list[dict]) -> list[dict]:
-    """fgrad's median time over each reference implementation's, per (workload, op)."""
+def _by_op(cases: list[dict]) -> dict[tuple, dict]:
+    """Cases grouped as {(workload, op): {impl: case}}, in the order they came."""
     by: dict[tuple, dict] = {}
     for c in cases:
         by.setdefault((c["workload"], c["op"]), {})[c["impl"]] = c
+    return by
+
+
+def ratios(cases: list[dict]) -> list[dict]:
+    """fgrad's median time over each reference implementation's, per (workload, op)."""
     out = []
-    for (workload, op), rows in by.items():
+    for (workload, op), rows in _by_op(cases).items():
         ours = _time(rows, "fgrad")
         row: dict[str, Any] = {"workload": workload, "op": op}
         for ref in (*REFERENCES, "fgrad-nested"):
@@ -72,9 +77,7 @@ def _fmt_ratio(x: float | None) -> str:
 
 
 def render(report: dict, out: TextIO) -> None:
-    by: dict[tuple, dict] = {}
-    for c in report["cases"]:
-        by.setdefault((c["workload"], c["op"]), {})[c["impl"]] = c
+    by = _by_op(report["cases"])
     rat = {(r["workload"], r["op"]): r for r in report["ratios"]}
     head = (
         "workload",

@@ -138,6 +138,7 @@ def run_jax(args, todo) -> None:
     sync = jax.block_until_ready
     a = jnp.ones((args.matmul, args.matmul), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
+    peak = lambda: _peak_gflops(lambda: mm(a), sync, args.matmul)
     _emit(
         {
             "type": "meta",
@@ -149,7 +150,7 @@ def run_jax(args, todo) -> None:
             "precision": args.precision,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "threads": args.threads or os.cpu_count(),
-            "peak_gflops": _peak_gflops(lambda: mm(a), sync, args.matmul),
+            "peak_gflops": peak(),
         }
     )
 
@@ -161,7 +162,7 @@ def run_jax(args, todo) -> None:
         return (lambda: fn(*fargs)), (fn, fargs)
 
     _run_cases(todo, "jax", build, sync, args, lambda info, run: _jax_ops.cost(*info))
-    _emit_peak("jax", _peak_gflops(lambda: mm(a), sync, args.matmul))
+    _emit_peak("jax", peak())
 
 
 def run_torch(args, todo) -> None:
@@ -170,8 +171,6 @@ def run_torch(args, todo) -> None:
     from fgrad.bench import _torch_ops
 
     device = "cuda" if args.device == "gpu" else "cpu"
-    if args.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     _set_torch_precision(torch, args.precision)
@@ -225,7 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--framework", choices=("jax", "torch"), required=True)
     p.add_argument("--suite", default="quick")
     p.add_argument("--only", default=None)
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--min-time", type=float, default=0.05)
     p.add_argument("--rounds", type=int, default=5)
