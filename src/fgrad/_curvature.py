@@ -20,10 +20,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from fgrad import _checks
-from fgrad._hessian import hvp
+from fgrad._hessian import flat_hvp
 
 
 class _Op(NamedTuple):
@@ -35,13 +34,9 @@ class _Op(NamedTuple):
 
 def _operator(f: Callable, params: Any, batch: Any, caller: str) -> _Op:
     _checks.require_float_tree(params, caller, "params")
-    flat, unravel = ravel_pytree(params)
+    matvec, flat, unravel = flat_hvp(f, params, batch, caller)
     if flat.size == 0:
         raise ValueError(f"{caller}: params has no entries.")
-
-    def matvec(v):
-        return ravel_pytree(hvp(f, params, unravel(v), *batch))[0]
-
     return _Op(matvec, int(flat.size), flat.dtype, unravel)
 
 

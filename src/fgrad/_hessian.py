@@ -72,6 +72,12 @@ def hvp(f: Callable, params: Any, v: Any, *args: Any, method: HvpMethod = "auto"
         raise ValueError(f"{caller}: method must be one of {_HVP_METHODS}, got {method!r}.")
     _check_tangent(params, v, caller)
     _checks.require_float_tree(params, caller, "params")
+    return _hvp(f, params, v, args, method, caller)
+
+
+def _hvp(f: Callable, params: Any, v: Any, args: tuple, method: str, caller: str) -> Any:
+    """`hvp` without its argument checks, for callers that build ``v`` themselves and
+    checked ``params`` already; a non-scalar ``f`` is reported as ``caller``'s error."""
     g = _scalar(f, caller)
     grad = jax.grad(lambda p: g(p, *args))
 
@@ -93,6 +99,18 @@ def hvp(f: Callable, params: Any, v: Any, *args: Any, method: HvpMethod = "auto"
         raise
 
 
+def flat_hvp(f: Callable, params: Any, args: tuple, caller: str):
+    """``(matvec, flat, unravel)``: ``matvec(u) = H u`` over the raveled parameters, and
+    ``jax.flatten_util.ravel_pytree(params)``. Checks nothing but that ``f`` is scalar (as
+    ``caller``): the caller checks ``params``."""
+    flat, unravel = ravel_pytree(params)
+
+    def matvec(u):
+        return ravel_pytree(_hvp(f, params, unravel(u), args, "auto", caller))[0]
+
+    return matvec, flat, unravel
+
+
 def _blocks(dense: jax.Array, params: Any) -> Any:
     """A dense (n, n) Hessian of raveled ``params`` as nested blocks, like jax.hessian."""
     leaves, tree = jax.tree.flatten(params)
@@ -108,16 +126,14 @@ def _blocks(dense: jax.Array, params: Any) -> Any:
     return jax.tree.unflatten(tree, rows)
 
 
-def dense_hessian(f: Callable, params: Any, *args: Any, chunk_size: int | None = None) -> jax.Array:
+def dense_hessian(
+    f: Callable, params: Any, *args: Any, chunk_size: int | None = None, caller: str
+) -> jax.Array:
     """The Hessian of scalar ``f(params, *args)`` as one (n, n) matrix over the raveled
     parameters (``jax.flatten_util.ravel_pytree`` order), from HVPs with the unit vectors
     in chunks of ``chunk_size`` (None: all at once)."""
-    flat, unravel = ravel_pytree(params)
+    column, flat, _ = flat_hvp(f, params, args, caller)
     n = flat.size
-
-    def column(e):
-        return ravel_pytree(hvp(f, params, unravel(e), *args))[0]
-
     eye = jnp.eye(n, dtype=flat.dtype)
     if chunk_size is None:
         return jax.vmap(column)(eye).T
@@ -166,8 +182,7 @@ def hessian(f: Callable, argnums: int = 0, *, chunk_size: int | None = None) -> 
         _checks.require_float_tree(params, caller, f"argument {i}")
         g = lambda p, *rest: f(*rest[:i], p, *rest[i:])
         rest = (*args[:i], *args[i + 1 :])
-        jax.eval_shape(_scalar(g, caller), params, *rest)  # a non-scalar f: a clear error
-        dense = dense_hessian(g, params, *rest, chunk_size=chunk_size)
+        dense = dense_hessian(g, params, *rest, chunk_size=chunk_size, caller=caller)
         return _blocks(dense, params)
 
     return wrapped
