@@ -167,7 +167,12 @@ def _vjp(fn, names, args, *, has_aux, argnums, on_repeat, caller):
         for i, a in zip(nums or (), diff, strict=True):
             full[i] = a
         outs, _ = _trace.run(
-            traced.jaxpr.jaxpr, traced.jaxpr.consts, jax.tree.leaves(tuple(full)), sel.plan, perturb
+            traced.jaxpr.jaxpr,
+            traced.jaxpr.consts,
+            jax.tree.leaves(tuple(full)),
+            sel.plan,
+            perturb,
+            record=False,  # the gradient needs the perturbations only
         )
         out = jax.tree.unflatten(traced.out_tree, outs)
         if has_aux:

@@ -128,6 +128,9 @@ def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict):
             )
             hits.append(Hit(eqn.params["name"], (*prefix, i), eqn.params["tree"], shapes, blocked))
             continue
+        subs = _sub_jaxprs(eqn.params)
+        if not subs:
+            continue
         prim = eqn.primitive.name
         if prim in _SCANS:
             inner_stack, inner_blocked = (*stack, int(eqn.params["length"])), blocked
@@ -138,7 +141,7 @@ def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict):
             inner_blocked = blocked or _BLOCKED_WHY.get(
                 prim, f"the higher-order primitive `{prim}`, which fgrad cannot see into"
             )
-        for j, sub in enumerate(_sub_jaxprs(eqn.params)):
+        for j, sub in enumerate(subs):
             if _has_tap(sub, memo):
                 _collect(sub, (*prefix, i, j), inner_stack, inner_blocked, hits, memo)
 
@@ -154,12 +157,15 @@ class Plan:
     keys: Mapping[Path, str]
 
     def within(self, prefix: Path) -> Plan:
-        n = len(prefix)
-        return Plan({p: k for p, k in self.keys.items() if p[:n] == prefix and len(p) > n})
+        return Plan({p: k for p, k in self.keys.items() if _inside(p, prefix)})
 
     def enters(self, prefix: Path) -> bool:
-        n = len(prefix)
-        return any(p[:n] == prefix and len(p) > n for p in self.keys)
+        return any(_inside(p, prefix) for p in self.keys)
+
+
+def _inside(path: Path, prefix: Path) -> bool:
+    """Whether ``path`` lies strictly inside the sub-program(s) at ``prefix``."""
+    return len(path) > len(prefix) and path[: len(prefix)] == prefix
 
 
 def run(
@@ -168,13 +174,16 @@ def run(
     args: Sequence[Any],
     plan: Plan,
     perturb: Mapping[str, Sequence[Any]],
-) -> tuple[list[Any], dict[str, list[Any]]]:
+    *,
+    record: bool = True,
+) -> tuple[list[Any], dict[str, list[Any]] | None]:
     """Evaluates ``jaxpr``; at each tap in ``plan`` records the (unperturbed) leaves under
-    the tap's key and adds ``perturb[key]`` if given.
+    the tap's key (unless ``record`` is false: then None is returned for them, and scans
+    and checkpoints carry no recorded values out) and adds ``perturb[key]`` if given.
 
     Taps inside a ``scan`` take, and report, values stacked on a leading axis.
     """
-    recorded: dict[str, list[Any]] = {}
+    recorded: dict[str, list[Any]] | None = {} if record else None
     outs = _run(jaxpr, consts, args, (), plan, perturb, recorded)
     return outs, recorded
 
@@ -217,7 +226,8 @@ def _run(jaxpr, consts, args, prefix, plan, perturb, recorded):
 
 def _run_tap(eqn, invals, key, perturb, recorded):
     if key is not None:
-        _record(recorded, key, invals)
+        if recorded is not None:
+            _record(recorded, key, invals)
         if key in perturb:
             invals = [x + p.astype(x.dtype) for x, p in zip(invals, perturb[key], strict=True)]
     # Re-bind, so the tap stays visible to an fgrad transformation around this one.
@@ -230,13 +240,14 @@ def _run_higher(eqn, invals, path, plan, perturb, recorded):
     sub_prefix = (*path, 0)  # these primitives have one sub-program
     sub, sub_consts = _as_open(params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"])
     sub_plan = plan.within(sub_prefix)
-    sub_perturb = {k: perturb[k] for k in set(sub_plan.keys.values()) if k in perturb}
     if prim in _CALLS:
         return _run(sub, sub_consts, invals, sub_prefix, sub_plan, perturb, recorded)
+    sub_perturb = {k: perturb[k] for k in set(sub_plan.keys.values()) if k in perturb}
+    record = recorded is not None
     if prim in _REMATS:
 
         def body(xs, ps):
-            rec: dict[str, list[Any]] = {}
+            rec: dict[str, list[Any]] | None = {} if record else None
             outs = _run(sub, sub_consts, xs, sub_prefix, sub_plan, ps, rec)
             return outs, rec
 
@@ -244,12 +255,14 @@ def _run_higher(eqn, invals, path, plan, perturb, recorded):
             body, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy")
         )(list(invals), sub_perturb)
     elif prim in _SCANS:
-        outs, rec = _run_scan(params, sub, sub_consts, invals, sub_prefix, sub_plan, sub_perturb)
+        outs, rec = _run_scan(
+            params, sub, sub_consts, invals, sub_prefix, sub_plan, sub_perturb, record
+        )
     else:
         # find_hits marks these taps as blocked, and the public functions refuse to serve
         # blocked taps before running: reaching here is a bug in fgrad, not in the caller.
         raise AssertionError(f"fgrad: cannot serve taps inside `{prim}`")
-    for k, leaves in rec.items():
+    for k, leaves in (rec or {}).items():
         _record(recorded, k, leaves)
     return outs
 
@@ -269,13 +282,13 @@ def _scan_operands(params, invals) -> tuple[list, list, list]:
     )
 
 
-def _run_scan(params, body, body_consts, invals, prefix, plan, perturb):
+def _run_scan(params, body, body_consts, invals, prefix, plan, perturb, record):
     consts, init, xs = _scan_operands(params, invals)
     n_carry = len(init)
 
     def step(carry, x):
         x_t, p_t = x
-        rec: dict[str, list[Any]] = {}
+        rec: dict[str, list[Any]] | None = {} if record else None
         outs = _run(body, body_consts, [*consts, *carry, *x_t], prefix, plan, p_t, rec)
         return outs[:n_carry], (outs[n_carry:], rec)
 
