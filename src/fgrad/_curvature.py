@@ -206,10 +206,14 @@ def _lanczos(matvec, v0, m: int, key):
         alpha = jnp.vdot(v, w)
         w = orth(w, basis)
         beta = jnp.linalg.norm(w)
-        fresh = orth(jax.random.normal(jax.random.fold_in(key, j), (n,), v.dtype), basis)
         broke = beta <= 1e3 * eps * jnp.maximum(jnp.abs(alpha), 1.0)
-        nxt = jnp.where(broke, fresh / jnp.linalg.norm(fresh), w / jnp.where(broke, 1.0, beta))
-        basis = jnp.where(j + 1 < m, basis.at[jnp.minimum(j + 1, m - 1)].set(nxt), basis)
+
+        def restart():  # only on breakdown: a fresh random direction orthogonal to V
+            fresh = orth(jax.random.normal(jax.random.fold_in(key, j), (n,), v.dtype), basis)
+            return fresh / jnp.linalg.norm(fresh)
+
+        nxt = jax.lax.cond(broke, restart, lambda: w / beta)
+        basis = basis.at[j + 1].set(nxt, mode="drop")  # the last step has no next vector
         alphas = alphas.at[j].set(alpha)
         betas = betas.at[j].set(jnp.where(broke, 0.0, beta))
         return (basis, alphas, betas), None
