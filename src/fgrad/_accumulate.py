@@ -86,13 +86,16 @@ def zero_grad(params: Any, trainable: Trainable = None) -> Any:
     return jax.tree.map(lambda m, p: jnp.zeros_like(p) if m else None, mask, params)
 
 
-def _check_grads(params: Any, grads: Any, caller: str) -> None:
+def check_grads(params: Any, grads: Any, caller: str) -> None:
+    """``grads`` has the structure and shapes of ``params`` (None at frozen leaves), and
+    the trainable leaves of ``params`` are floating point."""
     where = _checks.first_structure_difference(params, grads, none_ok=True)
     if where is not None:
         raise ValueError(
             f"{caller}: grads must have the structure and shapes of params (None at frozen "
             f"leaves), but grads{where}. Make it with fgrad.zero_grad(params, trainable=...)."
         )
+    _checks.require_float_tree(split_frozen(params, grads)[0], caller, "trainable parameters")
 
 
 def backward(
@@ -139,16 +142,11 @@ def backward(
 
 
 def prepare_grads(params: Any, grads: Any, caller: str) -> Any:
-    """``grads`` checked against ``params`` (zeros everywhere when None)."""
+    """``grads`` checked against ``params`` (zeros everywhere when None: zero_grad checks
+    that every parameter is floating point)."""
     if grads is None:
-        grads = zero_grad(params)
-    else:
-        _check_grads(params, grads, caller)
-    _checks.require_float_tree(
-        jax.tree.map(lambda g, p: None if g is None else p, grads, params, is_leaf=_is_none),
-        caller,
-        "trainable parameters",
-    )
+        return zero_grad(params)
+    check_grads(params, grads, caller)
     return grads
 
 

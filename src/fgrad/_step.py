@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fgrad import _checks
-from fgrad._accumulate import Trainable, _check_grads, _is_none, _trainable_mask
+from fgrad._accumulate import Trainable, _is_none, _trainable_mask, check_grads
 
 
 def _keep_frozen(new: Any, old: Any, frozen: Any, params_tree: Any) -> Any:
@@ -73,7 +72,7 @@ def step(
       [0.85, 1.05]
     """
     caller = "fgrad.step"
-    _check_grads(params, grads, caller)
+    check_grads(params, grads, caller)
     if trainable is not None:
         mask = _trainable_mask(params, trainable, caller)
         for (path, g), m in zip(
@@ -88,9 +87,6 @@ def step(
                     "fgrad.zero_grad(params, trainable=...) so frozen leaves stay None."
                 )
     frozen = jax.tree.map(lambda g: g is None, grads, is_leaf=_is_none)
-    _checks.require_float_tree(
-        jax.tree.map(lambda f, p: None if f else p, frozen, params), caller, "trainable params"
-    )
     full = jax.tree.map(
         lambda g, p: jnp.zeros_like(p) if g is None else g.astype(p.dtype),
         grads,
