@@ -18,6 +18,13 @@ def is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
+def positive_int(value: Any, name: str, caller: str) -> int:
+    """``value`` if it is a positive int (not a bool), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}.")
+    return value
+
+
 def require_float_tree(tree: Any, caller: str, what: str) -> None:
     """Raises TypeError naming the first leaf of ``tree`` that is not floating point."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):

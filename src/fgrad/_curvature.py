@@ -48,12 +48,6 @@ def _require_key(key: Any, caller: str) -> None:
         )
 
 
-def _positive_int(value: Any, name: str, caller: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}.")
-    return value
-
-
 def _rademacher(key, shape, dtype):
     return jax.random.rademacher(key, shape, dtype=dtype)
 
@@ -102,7 +96,7 @@ def hessian_diagonal(
     op = _operator(f, params, batch, caller)
     if method == "exact":
         if chunk_size is not None:
-            _positive_int(chunk_size, "chunk_size", caller)
+            _checks.positive_int(chunk_size, "chunk_size", caller)
         idx = jnp.arange(op.n)
 
         def entry(i):
@@ -116,7 +110,7 @@ def hessian_diagonal(
         return op.unravel(diag)
     if method == "hutchinson":
         _require_key(key, caller)
-        samples = _positive_int(samples, "samples", caller)
+        samples = _checks.positive_int(samples, "samples", caller)
         z = _rademacher(key, (samples, op.n), op.dtype)
         terms = z * jax.vmap(op.matvec)(z)
         stderr = jnp.std(terms, axis=0, ddof=1) / jnp.sqrt(samples) if samples > 1 else None
@@ -158,7 +152,7 @@ def hessian_trace(
     """
     caller = "fgrad.curvature.hessian_trace"
     _require_key(key, caller)
-    samples = _positive_int(samples, "samples", caller)
+    samples = _checks.positive_int(samples, "samples", caller)
     op = _operator(f, params, batch, caller)
     apply = jax.vmap(op.matvec, in_axes=1, out_axes=1)  # H @ (n, k)
     if method == "hutchinson":
@@ -278,7 +272,7 @@ def hessian_eigenvalues(
     caller = "fgrad.curvature.hessian_eigenvalues"
     _require_key(key, caller)
     op = _operator(f, params, batch, caller)
-    k = _positive_int(k, "k", caller)
+    k = _checks.positive_int(k, "k", caller)
     if k > op.n:
         raise ValueError(
             f"{caller}: k={k} is larger than the number of parameters ({op.n}): the Hessian "
@@ -287,7 +281,7 @@ def hessian_eigenvalues(
     if which not in ("largest", "smallest"):
         raise ValueError(f"{caller}: which must be 'largest' or 'smallest', got {which!r}.")
     m = min(op.n, max(2 * k + 20, 40)) if iterations is None else iterations
-    m = _positive_int(m, "iterations", caller)
+    m = _checks.positive_int(m, "iterations", caller)
     if not k <= m <= op.n:
         raise ValueError(
             f"{caller}: iterations must lie between k={k} and the number of parameters "
@@ -368,9 +362,9 @@ def hessian_spectrum(
     caller = "fgrad.curvature.hessian_spectrum"
     _require_key(key, caller)
     op = _operator(f, params, batch, caller)
-    runs = _positive_int(runs, "runs", caller)
-    grid_size = _positive_int(grid_size, "grid_size", caller)
-    m = _positive_int(iterations, "iterations", caller)
+    runs = _checks.positive_int(runs, "runs", caller)
+    grid_size = _checks.positive_int(grid_size, "grid_size", caller)
+    m = _checks.positive_int(iterations, "iterations", caller)
     if m > op.n:
         raise ValueError(
             f"{caller}: iterations={m} exceeds the number of parameters ({op.n}); use at "

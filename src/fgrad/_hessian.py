@@ -168,12 +168,8 @@ def hessian(f: Callable, argnums: int = 0, *, chunk_size: int | None = None) -> 
     caller = "fgrad.hessian"
     if isinstance(argnums, bool) or not isinstance(argnums, int):
         raise TypeError(f"{caller}: argnums must be one int, got {argnums!r}.")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(
-            f"{caller}: chunk_size must be a positive int or None, got {chunk_size!r}."
-        )
+    if chunk_size is not None:
+        _checks.positive_int(chunk_size, "chunk_size", caller)
 
     @functools.wraps(f)
     def wrapped(*args: Any):

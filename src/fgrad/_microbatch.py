@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fgrad import _checks
 from fgrad._accumulate import add_into, prepare_grads, value_and_grad_trainable
 
 Count = Callable[[Any], Any] | None
@@ -40,8 +41,7 @@ def _plan(n: int, microbatches: int | None, microbatch_size: int | None, caller:
     if (microbatches is None) == (microbatch_size is None):
         raise TypeError(f"{caller}: pass exactly one of microbatches= or microbatch_size=.")
     if microbatches is not None:
-        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
-            raise ValueError(f"{caller}: microbatches must be an int >= 1, got {microbatches!r}.")
+        _checks.positive_int(microbatches, "microbatches", caller)
         if n % microbatches:
             raise ValueError(
                 f"{caller}: a batch of {n} cannot be split into {microbatches} equal "

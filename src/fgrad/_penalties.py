@@ -254,8 +254,7 @@ def lazy(penalty: Callable, every: int) -> Callable:
       >>> [float(lazy_r1(s, critic, jnp.array([3.0, 4.0]), jnp.ones((2, 2)))) for s in (0, 1)]
       [500.0, 0.0]
     """
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"fgrad.penalties.lazy: every must be a positive int, got {every!r}.")
+    _checks.positive_int(every, "every", "fgrad.penalties.lazy")
 
     def wrapped(step, *args, **kwargs):
         out = jax.eval_shape(lambda: penalty(*args, **kwargs))
@@ -403,8 +402,7 @@ def jacobian_norm(
                 f"{caller}: pass key=jax.random.key(seed) for the random projections (or "
                 "vectors= to give them)."
             )
-        if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
-            raise ValueError(f"{caller}: projections must be a positive int, got {projections!r}.")
+        _checks.positive_int(projections, "projections", caller)
         v = jax.random.normal(key, (projections, n, c), out.dtype)
         vectors = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
     elif jnp.shape(vectors)[1:] != (n, c):
