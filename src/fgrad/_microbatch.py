@@ -36,6 +36,14 @@ def _batch_size(batch: Any, caller: str) -> int:
     return next(iter(sizes.values()))
 
 
+def _wider(a: Any, b: Any) -> Any:
+    """The dtype both ``a`` and ``b`` fit in. Asked under standard promotion: choosing an
+    accumulator dtype is not an implicit promotion of values, so a caller's strict
+    ``jax_numpy_dtype_promotion`` (which refuses bfloat16 with float32) does not apply."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(a, b)
+
+
 def _plan(n: int, microbatches: int | None, microbatch_size: int | None, caller: str):
     """(number of equal micro-batches k, their size m, size of a smaller last one r)."""
     if (microbatches is None) == (microbatch_size is None):
@@ -140,15 +148,13 @@ def accumulate(
     grads = prepare_grads(params, grads, caller)
     n = _batch_size(batch, caller)
     k, m, r = _plan(n, microbatches, microbatch_size, caller)
-    acc_dt = lambda leaf: (
-        leaf.dtype if accum_dtype is None else jnp.promote_types(leaf.dtype, accum_dtype)
-    )
+    acc_dt = lambda leaf: leaf.dtype if accum_dtype is None else _wider(leaf.dtype, accum_dtype)
     sums = jax.tree.map(
         lambda g: None if g is None else jnp.zeros(g.shape, acc_dt(g)),
         grads,
         is_leaf=lambda x: x is None,
     )
-    value_dt = jnp.float32 if accum_dtype is None else jnp.promote_types(accum_dtype, jnp.float32)
+    value_dt = jnp.float32 if accum_dtype is None else _wider(accum_dtype, jnp.float32)
 
     def weighted(mb, size):
         """(weight, weight * loss, gradient) of one micro-batch."""
