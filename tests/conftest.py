@@ -1,4 +1,4 @@
-"""Shared test setup: strict dtype promotion, one thread for PyTorch, seeded keys."""
+"""Shared test setup: eight CPU devices, strict dtype promotion, one thread for PyTorch."""
 
 import os
 
@@ -9,20 +9,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax
-import numpy as np
-import pytest
 import torch
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 # JAX and PyTorch in one process fight over the two cores; tests only compare numbers.
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def key():
-    return jax.random.key(0)
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)

@@ -14,15 +14,6 @@ import fgrad
 from fgrad.interop.torch import to_jax
 from helpers import assert_tree_allclose
 
-
-@pytest.fixture(autouse=True)
-def standard_promotion():
-    # optax's Adam bias correction raises a Python float to an int32 count, which the
-    # suite's strict dtype promotion refuses; optax is not ours to change.
-    with jax.numpy_dtype_promotion("standard"):
-        yield
-
-
 SIZES = (5, 16, 16, 3)
 FROZEN = "0.weight"  # the first layer's weight: requires_grad=False
 
