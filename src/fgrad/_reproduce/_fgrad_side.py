@@ -39,7 +39,7 @@ def cells(params: dict[str, jax.Array], z: jax.Array) -> dict[str, Any]:
     out["l"], out["y"] = seed_net(params, z)
 
     # In[10]: autograd.grad(outputs=y, inputs=l).
-    out["dy_dl"] = fgrad.grad_intermediates(y_fn, "l")(params, z)["l"]
+    out["dy_dl"] = f_fn(params, z)
 
     # In[16]-[18]: y.backward() fills .grad of every leaf; z has requires_grad=False.
     leaves = {"net": params, "z": z}
@@ -77,21 +77,6 @@ def cells(params: dict[str, jax.Array], z: jax.Array) -> dict[str, Any]:
     _, acc = fgrad.backward(y_fn, params, z, grads=acc)
     _put(out, "acc", acc)
     return out
-
-
-def second_backward() -> dict[str, float]:
-    """In[25]-[26] the fgrad way: the pullback of one forward pass, called twice, then a
-    backward: nothing was freed, so nothing fails."""
-    params, z = seed_params(), jnp.array([[4.0]])
-    y, pullback = fgrad.vjp_intermediates(y_fn, names=(), argnums=0)(params, z)
-    first = pullback(jnp.ones_like(y))[1][W1]
-    second = pullback(jnp.ones_like(y))[1][W2]
-    _, acc = fgrad.backward(y_fn, params, z)
-    return {
-        "grad_w1": float(first[0, 0]),
-        "grad_w2": float(second[0, 0]),
-        "backward_b2": float(acc[B2][0]),
-    }
 
 
 def compute(*, jit: bool = True) -> dict[str, float | None]:
