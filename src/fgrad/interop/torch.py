@@ -65,8 +65,18 @@ def _rename(path: str, rename: Rename) -> str:
     return rename.get(path, path)
 
 
+def _is_kernel(name: str, mod: nn.Module) -> bool:
+    """Whether the Flax variable ``name`` of ``mod`` is a (transposed) Linear/conv kernel."""
+    return name == "kernel" and isinstance(mod, (nn.Linear, *_CONVS))
+
+
+def _to_flax(t: torch.Tensor, name: str, mod: nn.Module) -> np.ndarray:
+    return _kernel_to_flax(_np(t), mod) if _is_kernel(name, mod) else _np(t)
+
+
 def _entries(module: nn.Module, strict: bool):
-    """(module path, flax collection, flax name, array, torch name, owning module)."""
+    """(module path, flax collection, flax name, torch tensor, torch name, owning module),
+    the tensor unconverted (see `_to_flax`): loading back into torch needs no copy of it."""
     for mpath, mod in module.named_modules():
         tensors = {
             **{n: p for n, p in mod.named_parameters(recurse=False)},
@@ -75,11 +85,9 @@ def _entries(module: nn.Module, strict: bool):
         for tname, t in tensors.items():
             full = f"{mpath}.{tname}" if mpath else tname
             if isinstance(mod, (nn.Linear, *_CONVS)):
-                name = {"weight": "kernel", "bias": "bias"}[tname]
-                arr = _kernel_to_flax(_np(t), mod) if tname == "weight" else _np(t)
-                yield mpath, "params", name, arr, full, mod
+                yield mpath, "params", {"weight": "kernel", "bias": "bias"}[tname], t, full, mod
             elif isinstance(mod, _NORMS):
-                yield mpath, "params", {"weight": "scale"}.get(tname, tname), _np(t), full, mod
+                yield mpath, "params", {"weight": "scale"}.get(tname, tname), t, full, mod
             elif isinstance(mod, _BATCHNORMS):
                 if tname == "num_batches_tracked":
                     continue
@@ -87,9 +95,9 @@ def _entries(module: nn.Module, strict: bool):
                 name = {"weight": "scale", "running_mean": "mean", "running_var": "var"}.get(
                     tname, tname
                 )
-                yield mpath, coll, name, _np(t), full, mod
+                yield mpath, coll, name, t, full, mod
             elif isinstance(mod, nn.Embedding):
-                yield mpath, "params", "embedding", _np(t), full, mod
+                yield mpath, "params", "embedding", t, full, mod
             elif strict:
                 raise TypeError(
                     f"fgrad.interop.torch: no layout conversion for {type(mod).__name__} "
@@ -98,7 +106,7 @@ def _entries(module: nn.Module, strict: bool):
                     "unchanged."
                 )
             else:
-                yield mpath, "params", tname, _np(t), full, mod
+                yield mpath, "params", tname, t, full, mod
 
 
 def to_jax(module: nn.Module, dtype: Any = None) -> dict[str, jax.Array]:
@@ -168,11 +176,11 @@ def to_linen(
       (3, 2)
     """
     out: dict[str, Any] = {}
-    for mpath, coll, name, arr, _, _ in _entries(module, strict):
+    for mpath, coll, name, t, _, mod in _entries(module, strict):
         node = out.setdefault(coll, {})
         for part in _split_path(_rename(mpath, rename)):
             node = node.setdefault(part, {})
-        node[name] = jnp.asarray(arr, dtype)
+        node[name] = jnp.asarray(_to_flax(t, name, mod), dtype)
     return out
 
 
@@ -196,7 +204,7 @@ def _load(module: nn.Module, get, strict: bool) -> nn.Module:
     with torch.no_grad():
         for mpath, coll, name, _, full, mod in _entries(module, strict):
             value = get(mpath, coll, name, full)
-            if isinstance(mod, (nn.Linear, *_CONVS)) and name == "kernel":
+            if _is_kernel(name, mod):
                 value = _kernel_to_torch(value, mod)
             target = module.get_parameter(full) if coll == "params" else module.get_buffer(full)
             if tuple(value.shape) != tuple(target.shape):
@@ -231,7 +239,8 @@ def to_nnx(
     variable of the same shape."""
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
-    for mpath, _, name, arr, full, _ in _entries(module, strict):
+    for mpath, _, name, t, full, mod in _entries(module, strict):
+        arr = _to_flax(t, name, mod)
         key = (*_nnx_path(_rename(mpath, rename)), name)
         if key not in flat:
             raise KeyError(
