@@ -333,11 +333,11 @@ def _fd_norm(scalar: Callable, r: float, params: Any) -> jax.Array:
 
     def fwd(p):
         g = jax.grad(scalar)(p)
-        return _grad_leaves_norm(g), (p, g)
+        n = _grad_leaves_norm(g)
+        return n, (p, g, n)
 
     def bwd(res, ct):
-        p, g = res
-        n = _grad_leaves_norm(g)
+        p, g, n = res
         unit = jax.tree.map(lambda x: x / n.astype(x.dtype), g)
         shifted = jax.tree.map(lambda a, u: a + r * u, p, unit)
         g2 = jax.grad(scalar)(shifted)
