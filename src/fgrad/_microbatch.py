@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
-from fgrad._accumulate import add_into, prepare_grads, value_and_grad_trainable
+from fgrad._accumulate import _is_none, add_into, prepare_grads, value_and_grad_trainable
 
 Count = Callable[[Any], Any] | None
 
@@ -152,7 +152,7 @@ def accumulate(
     sums = jax.tree.map(
         lambda g: None if g is None else jnp.zeros(g.shape, acc_dt(g)),
         grads,
-        is_leaf=lambda x: x is None,
+        is_leaf=_is_none,
     )
     value_dt = jnp.float32 if accum_dtype is None else _wider(accum_dtype, jnp.float32)
 
@@ -189,6 +189,6 @@ def accumulate(
     mean = jax.tree.map(
         lambda s: None if s is None else s / total_w.astype(s.dtype),
         sums,
-        is_leaf=lambda x: x is None,
+        is_leaf=_is_none,
     )
     return total_v / total_w, add_into(grads, mean)
