@@ -10,7 +10,7 @@ _spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "tools" /
 run_notebooks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run_notebooks)
 
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = run_notebooks.NOTEBOOKS
 
 
 def test_the_notebooks_are_there():

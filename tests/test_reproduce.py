@@ -1,5 +1,6 @@
 """`fgrad reproduce`: the table, the JSON, the exit status, with and without PyTorch."""
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -68,7 +69,7 @@ def test_torch_absent_from_sys_modules_is_detected(monkeypatch):
 
 def test_mismatch_exits_nonzero(monkeypatch, capsys):
     q = _notebook.QUANTITIES
-    wrong = (q[0].__class__(q[0].key, q[0].cell, q[0].label, 13.0, q[0].fgrad_idiom), *q[1:])
+    wrong = (dataclasses.replace(q[0], notebook=13.0), *q[1:])
     monkeypatch.setattr(_reproduce, "QUANTITIES", wrong)
     assert cli.main(["reproduce", "--no-torch"]) == 1
     out = capsys.readouterr().out
