@@ -8,6 +8,13 @@ from flax import nnx
 from torch import nn
 
 
+def nhwc(t):
+    """A PyTorch NCHW image batch (tensor or array) as a NumPy NHWC one, Flax's layout;
+    anything not 4-D (logits, a Linear's output) unchanged."""
+    t = t.detach().numpy() if isinstance(t, torch.Tensor) else t
+    return t.transpose(0, 2, 3, 1) if t.ndim == 4 else t
+
+
 class TorchCNN(nn.Module):
     def __init__(self, classes=10):
         super().__init__()

@@ -13,7 +13,7 @@ from flax import nnx
 import fgrad
 from fgrad.interop import torch as tt
 from helpers import assert_tree_allclose
-from models_torch_flax import LinenCNN, NnxCNN, make_torch_cnn
+from models_torch_flax import LinenCNN, NnxCNN, make_torch_cnn, nhwc
 
 LAYERS = ["conv1", "bn", "conv2", "fc"]
 X = np.random.default_rng(0).normal(size=(4, 1, 8, 8)).astype(np.float32)
@@ -23,11 +23,6 @@ Y = np.array([1, 0, 3, 9])
 @pytest.fixture(scope="module")
 def cnn():
     return make_torch_cnn()
-
-
-def nhwc(t):
-    t = t.detach().numpy() if isinstance(t, torch.Tensor) else t
-    return t.transpose(0, 2, 3, 1) if t.ndim == 4 else t
 
 
 def torch_layer_grads(model, x, y):

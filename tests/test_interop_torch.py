@@ -10,7 +10,7 @@ from torch import nn
 
 from fgrad.interop import torch as tt
 from helpers import assert_tree_allclose
-from models_torch_flax import LinenCNN, NnxCNN, TorchCNN, make_torch_cnn
+from models_torch_flax import LinenCNN, NnxCNN, TorchCNN, make_torch_cnn, nhwc
 
 X = np.random.default_rng(0).normal(size=(3, 1, 8, 8)).astype(np.float32)
 
@@ -22,7 +22,7 @@ def cnn():
 
 def test_cnn_linen_and_nnx_outputs_equal_torch(cnn):
     expected = cnn(torch.from_numpy(X))
-    x = jnp.asarray(X.transpose(0, 2, 3, 1))
+    x = jnp.asarray(nhwc(X))
     v = tt.to_linen(cnn)
     assert set(v) == {"params", "batch_stats"}
     assert v["params"]["conv1"]["kernel"].shape == (3, 3, 1, 4)

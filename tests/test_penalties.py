@@ -14,7 +14,7 @@ import fgrad
 from fgrad import penalties as P
 from fgrad.interop.torch import to_linen
 from helpers import assert_tree_allclose, from_torch
-from models_torch_flax import LinenCNN, make_torch_cnn
+from models_torch_flax import LinenCNN, make_torch_cnn, nhwc
 
 B, D, H, C = 6, 3, 8, 2
 RNG = np.random.default_rng(0)
@@ -168,7 +168,6 @@ def test_cnn_critic_wgan_gp_and_r1_match_torch():
     eps = RNG.uniform(size=4).astype(np.float32)
     params = to_linen(net)
     critic = lambda v, x: LinenCNN(classes=1).apply(v, x)
-    nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
 
     def torch_pen():
         e = torch.from_numpy(eps)[:, None, None, None]
@@ -184,8 +183,9 @@ def test_cnn_critic_wgan_gp_and_r1_match_torch():
     value_t.backward()
 
     def ours(v):
-        gp = P.wgan_gp(critic, v, nhwc(real), nhwc(fake), epsilon=jnp.asarray(eps))
-        return gp + P.r1(critic, v, nhwc(real))
+        x_real, x_fake = jnp.asarray(nhwc(real)), jnp.asarray(nhwc(fake))
+        gp = P.wgan_gp(critic, v, x_real, x_fake, epsilon=jnp.asarray(eps))
+        return gp + P.r1(critic, v, x_real)
 
     value, grads = jax.jit(jax.value_and_grad(ours))(params)
     assert_tree_allclose(value, value_t, rtol=1e-4)
