@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import fgrad
+from fgrad._reproduce._fgrad_side import f_fn, y_fn  # the notebook's y and f = dy/dl
 from fgrad.models import seed_net, seed_params
-from helpers import assert_tree_allclose, torch_seed_net
+from helpers import assert_tree_allclose, from_torch, torch_seed_net
 
 Z = jnp.array([[4.0]])
-y_fn = lambda p, z: seed_net(p, z)[1]
-f_fn = lambda p, z: fgrad.grad_intermediates(y_fn, "l")(p, z)["l"]
 
 
 def torch_grads(net):
@@ -138,10 +137,7 @@ def test_two_heads_and_a_penalty_accumulate_like_torch():
     trunk1, trunk2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
     head_a, head_b = torch.nn.Linear(8, 1), torch.nn.Linear(8, 3)
     mods = {"trunk1": trunk1, "trunk2": trunk2, "head_a": head_a, "head_b": head_b}
-    params = {
-        k: {"w": jnp.asarray(m.weight.detach().numpy()), "b": jnp.asarray(m.bias.detach().numpy())}
-        for k, m in mods.items()
-    }
+    params = {k: {"w": from_torch(m.weight), "b": from_torch(m.bias)} for k, m in mods.items()}
     trunk1.weight.requires_grad_(False)
     x_np = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     x = torch.from_numpy(x_np).requires_grad_(True)

@@ -54,7 +54,7 @@ def test_hvp_matches_torch_functional_and_func(mlp):
     _, expected = torch.autograd.functional.hvp(f_t, tuple(ps), tuple(v))
     _, func_hvp = torch.func.jvp(torch.func.grad(lambda p: f_t(*p)), (tuple(ps),), (tuple(v),))
     params = [from_torch(p) for p in ps]
-    args = (jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+    args = (from_torch(x), from_torch(y))
     for method in ("auto", "forward_over_reverse", "reverse_over_reverse"):
         hv = jax.jit(lambda p, t, method=method: fgrad.hvp(jax_mlp_fn, p, t, *args, method=method))(
             params, [from_torch(t) for t in v]
@@ -67,7 +67,7 @@ def test_hessian_blocks_match_torch_functional_hessian(mlp):
     ps, x, y, _ = mlp
     expected = torch.autograd.functional.hessian(torch_mlp_fn(x, y), tuple(ps))
     params = [from_torch(p) for p in ps]
-    args = (jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+    args = (from_torch(x), from_torch(y))
     full = jax.jit(fgrad.hessian(jax_mlp_fn))(params, *args)
     chunked = jax.jit(fgrad.hessian(jax_mlp_fn, chunk_size=7))(params, *args)
     assert_tree_allclose(full, [list(r) for r in expected], rtol=1e-4, atol=1e-5)

@@ -10,14 +10,11 @@ import pytest
 import torch
 
 import fgrad
+from fgrad._reproduce._fgrad_side import f_fn, y_fn  # the notebook's y and f = dy/dl
 from fgrad.models import seed_net, seed_params
 from helpers import assert_tree_allclose, cpu_data_parallel, from_torch, torch_seed_net
 
 Z = jnp.array([[4.0]])
-
-
-def y_fn(p, z):
-    return seed_net(p, z)[1]
 
 
 # --- a random MLP with the same weights in PyTorch and JAX --------------------------------
@@ -91,8 +88,8 @@ def test_create_graph_gradient_of_a_gradient(jit):
         "linear2.weight": net.linear2.weight.grad,
         "linear2.bias": net.linear2.bias.grad,
     }
-    f_fn = lambda p: jnp.sum(fgrad.grad_intermediates(y_fn, "l")(p, Z)["l"])
-    g = jax.grad(f_fn)
+    f_of_params = lambda p: jnp.sum(f_fn(p, Z))
+    g = jax.grad(f_of_params)
     got = (jax.jit(g) if jit else g)(seed_params())
     assert_tree_allclose(got, expected)
     assert_tree_allclose(
@@ -127,7 +124,7 @@ def test_random_mlps_every_activation(seed, sizes, batch):
     x = torch.randn(batch, sizes[0], generator=g)
     loss, acts = torch_forward(layers, x)
     expected = torch.autograd.grad(loss, acts)
-    got = jax.jit(fgrad.grad_intermediates(jax_forward))(params, jnp.asarray(x.numpy()))
+    got = jax.jit(fgrad.grad_intermediates(jax_forward))(params, from_torch(x))
     assert_tree_allclose(got, {f"act{i}": e for i, e in enumerate(expected)})
 
 
@@ -389,7 +386,7 @@ def test_layer_applied_twice_split_and_sum_match_torch(mlp):
     def f(p, v):
         return jnp.sum(layer(p, layer(p, v)) ** 2)
 
-    args = (params[1], jnp.asarray(x.numpy()))
+    args = (params[1], from_torch(x))
     split = jax.jit(fgrad.grad_intermediates(f, on_repeat="split"))(*args)
     assert_tree_allclose(split, {"layer#0": h1.grad, "layer#1": h2.grad})
     summed = fgrad.grad_intermediates(f, "layer", on_repeat="sum")(*args)
