@@ -9,8 +9,9 @@ derivatives → every fgrad result is differentiable, and `derivative`.
 from fgrad import curvature as curvature
 from fgrad import models as models
 from fgrad import penalties as penalties
-from fgrad._accumulate import backward as backward
-from fgrad._accumulate import zero_grad as zero_grad
+from fgrad._accumulate import accumulate as accumulate
+from fgrad._backward import backward as backward
+from fgrad._grads import zero_grad as zero_grad
 from fgrad._hessian import hessian as hessian
 from fgrad._hessian import hvp as hvp
 from fgrad._higher import derivative as derivative
@@ -18,7 +19,6 @@ from fgrad._intermediates import grad_intermediates as grad_intermediates
 from fgrad._intermediates import intermediates as intermediates
 from fgrad._intermediates import value_and_grad_intermediates as value_and_grad_intermediates
 from fgrad._intermediates import vjp_intermediates as vjp_intermediates
-from fgrad._microbatch import accumulate as accumulate
 from fgrad._modules import tap_linen as tap_linen
 from fgrad._modules import tap_nnx as tap_nnx
 from fgrad._step import step as step

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fgrad._accumulate import Trainable, _is_none, _trainable_mask, check_grads
+from fgrad._grads import Trainable, check_grads, is_none, trainable_mask
 
 
 def _keep_frozen(new: Any, old: Any, frozen: Any, params_tree: Any) -> Any:
@@ -74,9 +74,9 @@ def step(
     caller = "fgrad.step"
     check_grads(params, grads, caller)
     if trainable is not None:
-        mask = _trainable_mask(params, trainable, caller)
+        mask = trainable_mask(params, trainable, caller)
         for (path, g), m in zip(
-            jax.tree_util.tree_leaves_with_path(grads, is_leaf=_is_none),
+            jax.tree_util.tree_leaves_with_path(grads, is_leaf=is_none),
             jax.tree.leaves(mask),
             strict=True,
         ):
@@ -86,12 +86,12 @@ def step(
                     "leaf is frozen (trainable is False there). Build the accumulator with "
                     "fgrad.zero_grad(params, trainable=...) so frozen leaves stay None."
                 )
-    frozen = jax.tree.map(lambda g: g is None, grads, is_leaf=_is_none)
+    frozen = jax.tree.map(lambda g: g is None, grads, is_leaf=is_none)
     full = jax.tree.map(
         lambda g, p: jnp.zeros_like(p) if g is None else g.astype(p.dtype),
         grads,
         params,
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )
     # optax's own arithmetic (e.g. Adam's bias correction, a Python float to the power of
     # an int32 count) needs standard promotion; run it so even where the caller is strict.
