@@ -1,4 +1,5 @@
-"""Shared test setup: eight CPU devices, strict dtype promotion, one thread for PyTorch."""
+"""Shared test setup: eight CPU devices, strict dtype promotion, one thread for PyTorch
+(where PyTorch is installed: the newest-JAX leg runs without it, see ../conftest.py)."""
 
 import os
 
@@ -8,9 +9,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import importlib.util
+
 import jax
-import torch
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
-# JAX and PyTorch in one process fight over the two cores; tests only compare numbers.
-torch.set_num_threads(1)
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    # JAX and PyTorch in one process fight over the two cores; tests only compare numbers.
+    torch.set_num_threads(1)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 RTOL = {np.dtype("float64"): 1e-12, np.dtype("float32"): 1e-5, np.dtype("float16"): 1e-2}
 ATOL = {np.dtype("float64"): 1e-12, np.dtype("float32"): 1e-6, np.dtype("float16"): 1e-3}
 
 
+def _is_tensor(x) -> bool:
+    """A torch tensor, without importing torch (the newest-JAX leg runs without it)."""
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
 def to_numpy(x):
-    if isinstance(x, torch.Tensor):
+    if _is_tensor(x):
         return x.detach().cpu().numpy()
     return np.asarray(x)
 
@@ -20,7 +24,7 @@ def to_numpy(x):
 def assert_tree_allclose(actual, expected, *, rtol=None, atol=None):
     """Every leaf of ``actual`` equals ``expected`` (same structure) within tolerance;
     leaves may be JAX arrays, NumPy arrays, torch tensors or numbers."""
-    is_leaf = lambda x: x is None or isinstance(x, torch.Tensor)
+    is_leaf = lambda x: x is None or _is_tensor(x)
     a_leaves, a_tree = jax.tree.flatten(actual, is_leaf=is_leaf)
     # Leaves of ``expected`` may be nested lists of numbers: flatten only down to ``actual``.
     e_leaves = a_tree.flatten_up_to(expected)
@@ -40,7 +44,7 @@ def assert_tree_allclose(actual, expected, *, rtol=None, atol=None):
         )
 
 
-def from_torch(t: torch.Tensor) -> jax.Array:
+def from_torch(t) -> jax.Array:
     return jnp.asarray(t.detach().cpu().numpy())
 
 

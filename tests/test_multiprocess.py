@@ -76,7 +76,6 @@ def test_single_process_reference_is_the_unsharded_computation(results):
     import jax
     import jax.numpy as jnp
 
-
     single, _ = results
     rng = np.random.default_rng(0)
     N, D, H = 16, 3, 5
