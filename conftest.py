@@ -4,8 +4,10 @@ PyTorch's CPU build exists on these machines for Python 3.11 only, and JAX 0.11 
 need Python 3.12, so `tools/test_newest_jax.sh` runs the suite there without torch. Every
 module (test file or fgrad module collected for its doctests) that imports torch at module
 level, directly or through a local test module, is then left out of collection: not
-skipped, not run. Those are the PyTorch parity tests and notebooks, which the pinned leg
-(`.ci/run`'s first command) runs in full. With torch installed this file changes nothing.
+skipped, not run; so is every test marked ``requires_torch`` (a test that runs PyTorch in
+a subprocess, e.g. a bench worker or `fgrad reproduce`), which pytest reports as
+deselected. Those are the PyTorch parity tests and notebooks, which the pinned leg
+(`.ci/run`'s last command) runs in full. With torch installed this file changes nothing.
 """
 
 from __future__ import annotations
@@ -55,3 +57,12 @@ def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
     if collection_path.name == "conftest.py":
         return None
     return True if needs_torch(collection_path) else None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if HAVE_TORCH:
+        return
+    keep = [i for i in items if i.get_closest_marker("requires_torch") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep

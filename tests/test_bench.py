@@ -42,6 +42,7 @@ def report():
     )
 
 
+@pytest.mark.requires_torch  # runs the PyTorch worker
 def test_tiny_suite_end_to_end(report):
     import jax
 
@@ -96,6 +97,7 @@ def test_crashed_worker_cases_are_errors():
     assert results[-1]["key"] == "ghost/grad/fgrad" and results[-1]["status"] == "error"
 
 
+@pytest.mark.requires_torch  # runs the PyTorch worker
 def test_cli_writes_json_and_plot(tmp_path, capsys):
     j, p, log = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.jsonl"
     code = cli.main(
@@ -167,6 +169,7 @@ def test_machine_name_names_the_gpu():
     assert bench._accelerator(on_cpu) is None
 
 
+@pytest.mark.requires_torch  # runs the PyTorch worker
 @pytest.mark.parametrize(("precision", "mode"), [("float32", "ieee"), ("tf32", "tf32")])
 def test_torch_precision_is_set_explicitly(precision, mode):
     import torch

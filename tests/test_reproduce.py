@@ -12,6 +12,9 @@ import pytest
 from fgrad import _reproduce, cli
 from fgrad._reproduce import _notebook
 
+# fgrad reproduce runs the notebook's PyTorch side: left out where torch is not installed.
+pytestmark = pytest.mark.requires_torch
+
 KEYS = {q.key for q in _notebook.QUANTITIES}
 
 

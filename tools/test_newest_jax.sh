@@ -30,7 +30,8 @@ echo "newest-JAX leg: $("$py" --version) from $py"
 rm -rf .venv-newest
 "$py" -m venv .venv-newest
 . .venv-newest/bin/activate
-pip install -q --upgrade pip
-pip install -q --upgrade -e '.[test]' jax jaxlib flax optax
+quiet() { grep -v "^WARNING: Location" || true; }  # this machine's pip config lists local folders
+pip install -q --upgrade pip 2>&1 | quiet
+pip install -q --upgrade -e '.[test]' jax jaxlib flax optax 2>&1 | quiet
 python -c 'import jax, jaxlib, flax, optax; print("versions: jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__, "optax", optax.__version__)'
 pytest -p no:cacheprovider "$@"
