@@ -115,6 +115,34 @@ def test_hvp_falls_back_where_a_custom_vjp_forbids_forward_mode():
     assert_tree_allclose(fgrad.hvp(loss, p, v), -jnp.sin(p) * v)
 
 
+def test_hvp_fallback_is_read_from_the_program_under_jit_vmap_and_scan():
+    """The custom_vjp that refuses forward mode sits in a lax.map (a scan) inside another
+    custom_vjp's backward rule: found in the gradient's program, sub-programs included,
+    also when hvp is traced under jit and vmap."""
+
+    @jax.custom_vjp
+    def inner(x):
+        return jnp.cos(x)
+
+    inner.defvjp(lambda x: (jnp.cos(x), x), lambda x, g: (-g * jnp.sin(x),))
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jax.lax.map(inner, x),))
+    loss = lambda p: jnp.sum(f(p))
+    p, vs = jnp.array([0.3, 1.2]), jnp.array([[1.0, -2.0], [0.5, 0.25]])
+    expected = -jnp.sin(p) * vs  # H = diag(-sin p)
+    assert_tree_allclose(jax.jit(fgrad.hvp, static_argnums=0)(loss, p, vs[0]), expected[0])
+    assert_tree_allclose(jax.vmap(lambda v: fgrad.hvp(loss, p, v))(vs), expected)
+    # a custom_vjp whose rules use none: forward-over-reverse differentiates through it
+    plain = jax.custom_vjp(jnp.sin)
+    plain.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    hv = fgrad.hvp(lambda q: jnp.sum(plain(q)), p, vs[0], method="forward_over_reverse")
+    assert_tree_allclose(hv, expected[0])
+
+
 def test_errors():
     p = {"a": jnp.ones(2), "b": jnp.ones(())}
     f = lambda p: jnp.sum(p["a"] ** 2) * p["b"]

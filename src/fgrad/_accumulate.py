@@ -58,7 +58,7 @@ def _plan(n: int, microbatches: int | None, microbatch_size: int | None, caller:
             )
         return microbatches, n // microbatches, 0
     m = microbatch_size
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+    if not _checks.is_int(m) or not 1 <= m <= n:
         raise ValueError(
             f"{caller}: microbatch_size must be an int between 1 and the batch size {n}, got {m!r}."
         )
@@ -124,9 +124,9 @@ def accumulate(
         sharded over devices gives every micro-batch a share of every device.
         ``"contiguous"``: micro-batch ``i`` holds examples ``i*m`` to ``i*m + m - 1``, the
         layout of a hand-written ``reshape(k, m, ...)`` loop; on one device it can be
-        faster (7% on `fgrad bench`'s CNN on CPU, whose convolutions read a strided
-        micro-batch slower), but on a sharded batch each micro-batch then sits on a
-        fraction of the devices. The result is the same either way.
+        faster (XLA's CPU convolutions read a strided micro-batch more slowly), but on a
+        sharded batch each micro-batch then sits on a fraction of the devices. The
+        result is the same either way.
 
     Returns:
       ``(value, grads)``: the full-batch mean loss and the accumulator with its gradient

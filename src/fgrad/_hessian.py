@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jcore
 from jax.flatten_util import ravel_pytree
 
 from fgrad import _checks
@@ -39,8 +40,15 @@ def _check_tangent(params: Any, v: Any, caller: str) -> None:
         )
 
 
-def _is_forward_mode_refusal(e: Exception) -> bool:
-    return "custom_vjp" in str(e) and ("forward-mode" in str(e) or "jvp" in str(e))
+def _calls_custom_vjp(jaxpr) -> bool:
+    """Whether ``jaxpr`` (sub-programs included) calls a ``jax.custom_vjp`` function, which
+    JAX refuses to differentiate in forward mode."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("custom_vjp_call"):
+            return True
+        if any(_calls_custom_vjp(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
+            return True
+    return False
 
 
 def hvp(f: Callable, params: Any, v: Any, *args: Any, method: HvpMethod = "auto") -> Any:
@@ -90,13 +98,12 @@ def _hvp(f: Callable, params: Any, v: Any, args: tuple, method: str, caller: str
 
     if method == "reverse_over_reverse":
         return reverse()
+    # Forward mode differentiates the gradient's program: a custom_vjp left in it (one
+    # called by another's backward or forward rule) refuses, so "auto" goes reverse.
+    if method == "auto" and _calls_custom_vjp(jax.make_jaxpr(grad)(params).jaxpr):
+        return reverse()
     v_cast = jax.tree.map(lambda p, t: jnp.asarray(t, jnp.result_type(p)), params, v)
-    try:
-        return jax.jvp(grad, (params,), (v_cast,))[1]
-    except TypeError as e:
-        if method == "auto" and _is_forward_mode_refusal(e):
-            return reverse()
-        raise
+    return jax.jvp(grad, (params,), (v_cast,))[1]
 
 
 def flat_hvp(f: Callable, params: Any, args: tuple, caller: str):
@@ -166,7 +173,7 @@ def hessian(f: Callable, argnums: int = 0, *, chunk_size: int | None = None) -> 
       [[4.0, 6.0], [6.0, 0.0]]
     """
     caller = "fgrad.hessian"
-    if isinstance(argnums, bool) or not isinstance(argnums, int):
+    if not _checks.is_int(argnums):
         raise TypeError(f"{caller}: argnums must be one int, got {argnums!r}.")
     if chunk_size is not None:
         _checks.positive_int(chunk_size, "chunk_size", caller)

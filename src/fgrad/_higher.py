@@ -117,7 +117,7 @@ def derivative(
       Array(108., dtype=float32, weak_type=True)
     """
     caller = "fgrad.derivative"
-    if isinstance(order, bool) or not isinstance(order, int):
+    if not _checks.is_int(order):
         raise TypeError(f"{caller}: order must be an int, got {order!r}.")
     if order < 0:
         raise ValueError(f"{caller}: order must be >= 0, got {order}.")
@@ -126,9 +126,7 @@ def derivative(
     mixed = not isinstance(argnums, int)
     if mixed:
         nums_spec = tuple(argnums)
-        if not nums_spec or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in nums_spec
-        ):
+        if not nums_spec or not all(_checks.is_int(i) for i in nums_spec):
             raise TypeError(
                 f"{caller}: argnums must be an int or a tuple of ints, got {argnums!r}."
             )
@@ -139,7 +137,7 @@ def derivative(
             )
         if method == "taylor" and len(set(nums_spec)) > 1:
             raise ValueError(f"{caller}: method='taylor' cannot take mixed partials; use 'nested'.")
-    elif isinstance(argnums, bool):
+    elif not _checks.is_int(argnums):  # a bool
         raise TypeError(f"{caller}: argnums must be an int or a tuple of ints, got {argnums!r}.")
 
     def checked(*args: Any):
