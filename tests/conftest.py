@@ -9,8 +9,18 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax
+import pytest
 import torch
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 # JAX and PyTorch in one process fight over the two cores; tests only compare numbers.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cnn():
+    """The small PyTorch CNN of models_torch_flax, seeded, in eval mode (tests read its
+    weights and may backpropagate through it; none changes them)."""
+    from models_torch_flax import make_torch_cnn
+
+    return make_torch_cnn()

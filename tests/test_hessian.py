@@ -45,16 +45,16 @@ def mlp():
     x = torch.randn(7, SIZES[0], generator=g)
     y = torch.randn(7, SIZES[-1], generator=g)
     v = [torch.randn(p.shape, generator=g) for p in ps]
-    return ps, x, y, v
+    params = [from_torch(p) for p in ps]  # the same MLP for JAX
+    args = (from_torch(x), from_torch(y))
+    return ps, x, y, v, params, args
 
 
 def test_hvp_matches_torch_functional_and_func(mlp):
-    ps, x, y, v = mlp
+    ps, x, y, v, params, args = mlp
     f_t = torch_mlp_fn(x, y)
     _, expected = torch.autograd.functional.hvp(f_t, tuple(ps), tuple(v))
     _, func_hvp = torch.func.jvp(torch.func.grad(lambda p: f_t(*p)), (tuple(ps),), (tuple(v),))
-    params = [from_torch(p) for p in ps]
-    args = (from_torch(x), from_torch(y))
     for method in ("auto", "forward_over_reverse", "reverse_over_reverse"):
         hv = jax.jit(lambda p, t, method=method: fgrad.hvp(jax_mlp_fn, p, t, *args, method=method))(
             params, [from_torch(t) for t in v]
@@ -64,10 +64,8 @@ def test_hvp_matches_torch_functional_and_func(mlp):
 
 
 def test_hessian_blocks_match_torch_functional_hessian(mlp):
-    ps, x, y, _ = mlp
+    ps, x, y, _, params, args = mlp
     expected = torch.autograd.functional.hessian(torch_mlp_fn(x, y), tuple(ps))
-    params = [from_torch(p) for p in ps]
-    args = (from_torch(x), from_torch(y))
     full = jax.jit(fgrad.hessian(jax_mlp_fn))(params, *args)
     chunked = jax.jit(fgrad.hessian(jax_mlp_fn, chunk_size=7))(params, *args)
     assert_tree_allclose(full, [list(r) for r in expected], rtol=1e-4, atol=1e-5)
