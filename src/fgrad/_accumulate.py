@@ -9,13 +9,14 @@ while only one micro-batch's activations are alive at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
 from fgrad._grads import add_into, is_none, prepare_grads, value_and_grad_trainable
+from fgrad._typing import PyTree
 
 Count = Callable[[Any], Any] | None
 
@@ -24,7 +25,9 @@ def _batch_size(batch: Any, caller: str) -> int:
     leaves = jax.tree_util.tree_leaves_with_path(batch)
     if not leaves:
         raise ValueError(f"{caller}: the batch is empty; pass arrays with a leading batch axis.")
-    sizes = {jax.tree_util.keystr(p): (jnp.shape(x)[0] if jnp.ndim(x) else None) for p, x in leaves}
+    sizes: dict[str, Any] = {
+        jax.tree_util.keystr(p): (jnp.shape(x)[0] if jnp.ndim(x) else None) for p, x in leaves
+    }
     if None in sizes.values():
         where = next(k for k, v in sizes.items() if v is None)
         raise ValueError(f"{caller}: batch{where} is a scalar; every leaf needs a batch axis.")
@@ -67,16 +70,16 @@ def _plan(n: int, microbatches: int | None, microbatch_size: int | None, caller:
 
 def accumulate(
     fn: Callable,
-    params: Any,
-    batch: Any,
+    params: PyTree,
+    batch: PyTree,
     *args: Any,
     microbatches: int | None = None,
     microbatch_size: int | None = None,
     count: Count = None,
-    grads: Any = None,
+    grads: PyTree = None,
     accum_dtype: Any = jnp.float32,
     unroll: int | bool = 1,
-    split: str = "strided",
+    split: Literal["strided", "contiguous"] = "strided",
 ) -> tuple[jax.Array, Any]:
     """Full-batch mean-loss gradient, computed over micro-batches in one ``lax.scan``.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from jax.extend import core as jcore
 from jax.flatten_util import ravel_pytree
 
 from fgrad import _checks
+from fgrad._typing import P, PyTree, with_params_of
 
 HvpMethod = Literal["auto", "forward_over_reverse", "reverse_over_reverse"]
 _HVP_METHODS = ("auto", "forward_over_reverse", "reverse_over_reverse")
@@ -51,7 +52,7 @@ def _calls_custom_vjp(jaxpr) -> bool:
     return False
 
 
-def hvp(f: Callable, params: Any, v: Any, *args: Any, method: HvpMethod = "auto") -> Any:
+def hvp(f: Callable, params: PyTree, v: PyTree, *args: Any, method: HvpMethod = "auto") -> PyTree:
     """The Hessian-vector product ``H v`` of scalar ``f(params, *args)`` w.r.t. ``params``.
 
     Args:
@@ -147,7 +148,9 @@ def dense_hessian(
     return jax.lax.map(column, eye, batch_size=min(chunk_size, n)).T
 
 
-def hessian(f: Callable, argnums: int = 0, *, chunk_size: int | None = None) -> Callable:
+def hessian(
+    f: Callable[P, Any], argnums: int = 0, *, chunk_size: int | None = None
+) -> Callable[P, PyTree]:
     """Transforms scalar ``f`` into its Hessian w.r.t. one (pytree) argument, as nested blocks.
 
     ``hessian(f)(params)[a][b]`` is the block ∂²f/∂params[a]∂params[b], shaped
@@ -183,9 +186,9 @@ def hessian(f: Callable, argnums: int = 0, *, chunk_size: int | None = None) -> 
         (i,) = _checks.normalize_argnums(argnums, len(args), caller)
         params = args[i]
         _checks.require_float_tree(params, caller, f"argument {i}")
-        g = lambda p, *rest: f(*rest[:i], p, *rest[i:])
+        g = lambda p, *rest: cast(Callable[..., Any], f)(*rest[:i], p, *rest[i:])
         rest = (*args[:i], *args[i + 1 :])
         dense = dense_hessian(g, params, *rest, chunk_size=chunk_size, caller=caller)
         return _blocks(dense, params)
 
-    return wrapped
+    return with_params_of(f, wrapped)

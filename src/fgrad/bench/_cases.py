@@ -37,7 +37,7 @@ class Case:
     workload: Workload
     op: str
     impl: str
-    framework: Framework = dataclasses.field(default=None, compare=False)  # type: ignore[assignment]
+    framework: Framework | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.framework is None:  # looked up in the default registry
@@ -55,7 +55,7 @@ def cases(
     workload, each operation that applies to it with all its implementations; then each
     operation's own workloads."""
     reg = registry() if reg is None else reg
-    out = []
+    out: list[Case] = []
 
     def add(w: Workload, op: str) -> None:
         out.extend(Case(w, op, impl, reg.framework(op, impl)) for impl in reg.impls(op))

@@ -247,7 +247,7 @@ WORKLOADS = {
 }
 
 
-def cost(fn: Callable, args: tuple) -> dict[str, Any]:
+def cost(fn: Any, args: tuple) -> dict[str, Any]:
     """XLA's FLOP count and memory footprint of the compiled program."""
     compiled = fn.lower(*args).compile()
     analysis = compiled.cost_analysis()

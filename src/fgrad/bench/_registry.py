@@ -55,8 +55,7 @@ class Registry:
         if framework not in FRAMEWORKS:
             raise ValueError(f"fgrad bench: unknown framework {framework!r}; use jax or torch.")
         entry = self._ops.setdefault(op, _Op())
-        other = "torch" if framework == "jax" else "jax"
-        if impl in entry.builders[framework] or impl in entry.builders[other]:
+        if any(impl in b for b in entry.builders.values()):
             raise ValueError(f"fgrad bench: {op}/{impl} is registered twice.")
         entry.builders[framework][impl] = builder
 
@@ -85,16 +84,18 @@ class Registry:
             self.applies_to(op, fn, own.get(op))
         for op in own.keys() - applies.keys():
             raise ValueError(f"fgrad bench: {op} has WORKLOADS but no APPLIES entry.")
-        for framework, table in (("jax", jax_table), ("torch", torch_table)):
-            for op, impls in table.items():
-                for impl, builder in impls.items():
-                    self.add(op, framework, impl, builder)
+        for op, impls in jax_table.items():
+            for impl, builder in impls.items():
+                self.add(op, "jax", impl, builder)
+        for op, impls in torch_table.items():
+            for impl, builder in impls.items():
+                self.add(op, "torch", impl, builder)
 
     def copy(self) -> Registry:
         new = Registry()
         for op, e in self._ops.items():
             builders = {fw: dict(b) for fw, b in e.builders.items()}
-            new._ops[op] = _Op(e.applies, e.workloads, builders)  # type: ignore[arg-type]
+            new._ops[op] = _Op(e.applies, e.workloads, builders)
         return new
 
     def ops(self) -> list[str]:

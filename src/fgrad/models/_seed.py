@@ -185,7 +185,7 @@ class SeedNetNNX(nnx.Module):
         self.linear2 = nnx.Linear(1, 1, rngs=rngs)
         self.linear1.kernel[...] = p["linear1.weight"].T
         self.linear2.kernel[...] = p["linear2.weight"].T
-        self.linear2.bias[...] = p["linear2.bias"]
+        self.linear2.bias[...] = p["linear2.bias"]  # type: ignore[index]  # use_bias=True
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         _check_input(x, "fgrad.models.SeedNetNNX")
