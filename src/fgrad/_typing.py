@@ -1,4 +1,5 @@
-"""Type aliases shared by fgrad's signatures."""
+"""What fgrad's signatures share: the ``PyTree`` alias, and the ``ParamSpec`` ``P`` with
+which a transformation says it returns a function of its argument's parameters."""
 
 from __future__ import annotations
 
