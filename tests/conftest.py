@@ -12,6 +12,7 @@ os.environ["XLA_FLAGS"] = (
 import importlib.util
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 if importlib.util.find_spec("torch") is not None:
@@ -19,3 +20,12 @@ if importlib.util.find_spec("torch") is not None:
 
     # JAX and PyTorch in one process fight over the two cores; tests only compare numbers.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def cnn():
+    """The small PyTorch CNN of models_torch_flax, seeded, in eval mode (tests read its
+    weights and may backpropagate through it; none changes them)."""
+    from models_torch_flax import make_torch_cnn
+
+    return make_torch_cnn()

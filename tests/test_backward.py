@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fgrad
-from fgrad._reproduce._fgrad_side import f_fn, y_fn  # the notebook's y and f = dy/dl
+from fgrad.models import seed_dy_dl as f_fn  # the notebook's f = dy/dl
 from fgrad.models import seed_net, seed_params
+from fgrad.models import seed_y as y_fn  # the notebook's y
 from helpers import assert_tree_allclose, from_torch, torch_seed_net
 
 Z = jnp.array([[4.0]])

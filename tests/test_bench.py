@@ -213,3 +213,101 @@ def test_measure_group_interleaves_rounds_and_isolates_failures():
     rounds = calls[4 + 4 + 4 + 1 :]
     # late's 7th call (its third round) fails, and the round goes on without it
     assert rounds == ["a", "b", "late", "b", "late", "a", "late", "a", "b"]
+
+
+# --- the registry: operations are data ------------------------------------------------------
+
+
+def test_default_registry_lists_the_operations():
+    reg = _cases.registry()
+    assert reg.ops()[:3] == ["grad", "grad_intermediates", "backward_accumulate"]
+    assert reg.impls("grad") == ["fgrad", "jax", "torch", "torch.func", "torch.compile"]
+    assert reg.impls("derivative8") == ["fgrad", "fgrad-nested", "jax", "torch", "torch.compile"]
+    assert reg.framework("hvp", "torch.func") == "torch"
+    keys = [c.key for c in _cases.cases("tiny")]
+    assert len(keys) == len(set(keys))
+    # the dense Hessian's and the n-th derivative's own workloads come last
+    assert keys[-5:] == [f"scalar/derivative8/{i}" for i in reg.impls("derivative8")]
+    assert "hessian-mlp/hessian/fgrad" in {c.key for c in _cases.cases("quick")}
+    assert "mlp-16x2/microbatch/fgrad" in keys  # batch 4 splits into 4 micro-batches
+    assert not any(k.startswith("seed/microbatch") for k in keys)  # batch 1 does not
+
+
+def test_listing_cases_does_not_import_torch():
+    """The parent process and the JAX worker never import PyTorch (it would compete for
+    threads): builders of PyTorch implementations import it themselves."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fgrad.bench import _cases; _cases.cases('full'); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def toy_registry():
+    import bench_toy_ops
+
+    reg = _cases.registry().copy()
+    reg.add_tables(bench_toy_ops)
+    return reg
+
+
+def test_an_operation_plugs_in_by_its_tables(toy_registry, capsys):
+    """A module's JAX / TORCH / APPLIES tables merged into a registry: its cases are
+    listed (on the workloads it applies to, with its own JAX implementation "vmap"), its
+    builders compute the right numbers, and the workers run them."""
+    import torch
+
+    reg = toy_registry
+    assert "toy" not in _cases.registry().ops()  # the default registry is untouched
+    todo = _cases.cases("tiny", "*/toy", reg=reg)
+    assert [(c.key, c.framework) for c in todo] == [
+        ("seed/toy/fgrad", "jax"),
+        ("seed/toy/vmap", "jax"),
+        ("seed/toy/torch", "torch"),
+    ]
+    assert _cases.cases("tiny", "*/toy", reg=reg, torch=False) == todo[:2]
+    # d/dθ sum(u⁴), u = w2·w1·x + b2 = 30 (w1=3, w2=2, b2=6, x=4): 4u³ · (x·w2, w1·x, 1)
+    want = {
+        "linear1.weight": 4 * 30**3 * 8.0,
+        "linear2.weight": 4 * 30**3 * 12.0,
+        "linear2.bias": 4 * 30**3 * 1.0,
+    }
+    w = todo[0].workload
+    for case in todo[:2]:
+        fn, args = reg.builder("toy", case.impl)(case.impl, w)
+        got = fn(*args)
+        assert {k: float(v.reshape(())) for k, v in got.items()} == pytest.approx(want)
+    got = reg.builder("toy", "torch")("torch", w, "cpu")()
+    assert {k: float(v.reshape(())) for k, v in got.items()} == pytest.approx(want)
+
+    args = argparse.Namespace(
+        device="cpu", threads=0, min_time=0.001, rounds=1, matmul=64, precision="float32"
+    )
+    _worker.run_jax(args, todo[:2], reg)
+    _worker.run_torch(args, todo[2:], reg)
+    torch.set_num_threads(1)  # the worker set PyTorch's threads; the suite runs on one
+    recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    recs = {r["key"]: r for r in recs if r["type"] == "case"}
+    assert {k: r["status"] for k, r in recs.items()} == dict.fromkeys(
+        ["seed/toy/fgrad", "seed/toy/vmap", "seed/toy/torch"], "ok"
+    )
+
+
+def test_registry_refuses_what_it_cannot_list(toy_registry):
+    from fgrad.bench._registry import Registry
+
+    reg = Registry()
+    reg.add("orphan", "jax", "fgrad", lambda impl, w: None)
+    with pytest.raises(ValueError, match="'orphan' has builders but no APPLIES"):
+        _cases.cases("tiny", reg=reg)
+    with pytest.raises(ValueError, match="orphan/fgrad is registered twice"):
+        reg.add("orphan", "torch", "fgrad", lambda impl, w, d: None)
+    with pytest.raises(ValueError, match="unknown framework 'tf'"):
+        reg.add("orphan", "tf", "x", lambda impl, w: None)  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match="no implementation 'opacus'"):
+        toy_registry.builder("toy", "opacus")

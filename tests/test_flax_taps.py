@@ -13,16 +13,11 @@ from flax import nnx
 import fgrad
 from fgrad.interop import torch as tt
 from helpers import assert_tree_allclose
-from models_torch_flax import LinenCNN, NnxCNN, make_torch_cnn, nhwc
+from models_torch_flax import LinenCNN, NnxCNN, nhwc
 
 LAYERS = ["conv1", "bn", "conv2", "fc"]
 X = np.random.default_rng(0).normal(size=(4, 1, 8, 8)).astype(np.float32)
 Y = np.array([1, 0, 3, 9])
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    return make_torch_cnn()
 
 
 def torch_layer_grads(model, x, y):

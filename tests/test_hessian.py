@@ -45,16 +45,16 @@ def mlp():
     x = torch.randn(7, SIZES[0], generator=g)
     y = torch.randn(7, SIZES[-1], generator=g)
     v = [torch.randn(p.shape, generator=g) for p in ps]
-    return ps, x, y, v
+    params = [from_torch(p) for p in ps]  # the same MLP for JAX
+    args = (from_torch(x), from_torch(y))
+    return ps, x, y, v, params, args
 
 
 def test_hvp_matches_torch_functional_and_func(mlp):
-    ps, x, y, v = mlp
+    ps, x, y, v, params, args = mlp
     f_t = torch_mlp_fn(x, y)
     _, expected = torch.autograd.functional.hvp(f_t, tuple(ps), tuple(v))
     _, func_hvp = torch.func.jvp(torch.func.grad(lambda p: f_t(*p)), (tuple(ps),), (tuple(v),))
-    params = [from_torch(p) for p in ps]
-    args = (from_torch(x), from_torch(y))
     for method in ("auto", "forward_over_reverse", "reverse_over_reverse"):
         hv = jax.jit(lambda p, t, method=method: fgrad.hvp(jax_mlp_fn, p, t, *args, method=method))(
             params, [from_torch(t) for t in v]
@@ -64,10 +64,8 @@ def test_hvp_matches_torch_functional_and_func(mlp):
 
 
 def test_hessian_blocks_match_torch_functional_hessian(mlp):
-    ps, x, y, _ = mlp
+    ps, x, y, _, params, args = mlp
     expected = torch.autograd.functional.hessian(torch_mlp_fn(x, y), tuple(ps))
-    params = [from_torch(p) for p in ps]
-    args = (from_torch(x), from_torch(y))
     full = jax.jit(fgrad.hessian(jax_mlp_fn))(params, *args)
     chunked = jax.jit(fgrad.hessian(jax_mlp_fn, chunk_size=7))(params, *args)
     assert_tree_allclose(full, [list(r) for r in expected], rtol=1e-4, atol=1e-5)
@@ -113,6 +111,34 @@ def test_hvp_falls_back_where_a_custom_vjp_forbids_forward_mode():
     with pytest.raises(TypeError, match="forward-mode"):
         fgrad.hvp(loss, p, v, method="forward_over_reverse")
     assert_tree_allclose(fgrad.hvp(loss, p, v), -jnp.sin(p) * v)
+
+
+def test_hvp_fallback_is_read_from_the_program_under_jit_vmap_and_scan():
+    """The custom_vjp that refuses forward mode sits in a lax.map (a scan) inside another
+    custom_vjp's backward rule: found in the gradient's program, sub-programs included,
+    also when hvp is traced under jit and vmap."""
+
+    @jax.custom_vjp
+    def inner(x):
+        return jnp.cos(x)
+
+    inner.defvjp(lambda x: (jnp.cos(x), x), lambda x, g: (-g * jnp.sin(x),))
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jax.lax.map(inner, x),))
+    loss = lambda p: jnp.sum(f(p))
+    p, vs = jnp.array([0.3, 1.2]), jnp.array([[1.0, -2.0], [0.5, 0.25]])
+    expected = -jnp.sin(p) * vs  # H = diag(-sin p)
+    assert_tree_allclose(jax.jit(fgrad.hvp, static_argnums=0)(loss, p, vs[0]), expected[0])
+    assert_tree_allclose(jax.vmap(lambda v: fgrad.hvp(loss, p, v))(vs), expected)
+    # a custom_vjp whose rules use none: forward-over-reverse differentiates through it
+    plain = jax.custom_vjp(jnp.sin)
+    plain.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    hv = fgrad.hvp(lambda q: jnp.sum(plain(q)), p, vs[0], method="forward_over_reverse")
+    assert_tree_allclose(hv, expected[0])
 
 
 def test_errors():

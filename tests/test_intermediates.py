@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import fgrad
-from fgrad._reproduce._fgrad_side import f_fn, y_fn  # the notebook's y and f = dy/dl
+from fgrad.models import seed_dy_dl as f_fn  # the notebook's f = dy/dl
 from fgrad.models import seed_net, seed_params
+from fgrad.models import seed_y as y_fn  # the notebook's y
 from helpers import assert_tree_allclose, cpu_data_parallel, from_torch, torch_seed_net
 
 Z = jnp.array([[4.0]])
@@ -22,14 +23,16 @@ Z = jnp.array([[4.0]])
 SIZES = (3, 8, 8, 8, 2)
 
 
-def make_mlp(seed=0):
+def make_mlp(seed=0, sizes=SIZES, std=1.0):
+    """Random Linear layers (weights N(0, std²), biases N(0, 1)), their JAX parameters,
+    and the generator, to draw inputs from after the weights."""
     g = torch.Generator().manual_seed(seed)
-    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(SIZES)]
+    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
     for lin in layers:
-        torch.nn.init.normal_(lin.weight, generator=g)
+        torch.nn.init.normal_(lin.weight, std=std, generator=g)
         torch.nn.init.normal_(lin.bias, generator=g)
     params = [{"w": from_torch(l.weight), "b": from_torch(l.bias)} for l in layers]
-    return layers, params
+    return layers, params, g
 
 
 def torch_forward(layers, x):
@@ -59,7 +62,7 @@ NAMES = [f"act{i}" for i in range(len(SIZES) - 1)]
 
 @pytest.fixture(scope="module")
 def mlp():
-    return make_mlp()
+    return make_mlp()[:2]
 
 
 # --- the notebook --------------------------------------------------------------------------
@@ -115,12 +118,7 @@ def test_mlp_activation_grads_match_torch_autograd_grad(mlp, jit):
     ("seed", "sizes", "batch"), [(1, (5, 16, 3), 2), (2, (4, 32, 32, 32, 32, 1), 9)]
 )
 def test_random_mlps_every_activation(seed, sizes, batch):
-    g = torch.Generator().manual_seed(seed)
-    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
-    for lin in layers:
-        torch.nn.init.normal_(lin.weight, std=0.5, generator=g)
-        torch.nn.init.normal_(lin.bias, generator=g)
-    params = [{"w": from_torch(l.weight), "b": from_torch(l.bias)} for l in layers]
+    layers, params, g = make_mlp(seed, sizes, std=0.5)
     x = torch.randn(batch, sizes[0], generator=g)
     loss, acts = torch_forward(layers, x)
     expected = torch.autograd.grad(loss, acts)

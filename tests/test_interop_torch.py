@@ -10,14 +10,9 @@ from torch import nn
 
 from fgrad.interop import torch as tt
 from helpers import assert_tree_allclose
-from models_torch_flax import LinenCNN, NnxCNN, TorchCNN, make_torch_cnn, nhwc
+from models_torch_flax import LinenCNN, NnxCNN, TorchCNN, nhwc
 
 X = np.random.default_rng(0).normal(size=(3, 1, 8, 8)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    return make_torch_cnn()
 
 
 def test_cnn_linen_and_nnx_outputs_equal_torch(cnn):

@@ -271,7 +271,9 @@ def test_contract_zero_where_the_gradient_is_zero(mlp):
     assert float(P.r1(flat, params, JX)) == 0.0 and float(P.r2(flat, params, JX)) == 0.0
     assert (
         float(
-            P.jacobian_norm(lambda p, x: jnp.zeros((x.shape[0], C)), params, JX, jax.random.key(0))
+            P.jacobian_norm(
+                lambda p, x: jnp.zeros((x.shape[0], C)), params, JX, key=jax.random.key(0)
+            )
         )
         == 0.0
     )
@@ -281,7 +283,24 @@ def test_contract_zero_where_the_gradient_is_zero(mlp):
     assert float(P.gradient_norm(lambda p: jnp.sum((p["w"] - 1.0) ** 2), w_min)) == 0.0
     # WGAN-GP's zero is at gradient norm 1: a linear critic with a unit weight vector
     unit = jnp.array([0.6, 0.8, 0.0])
-    assert float(P.wgan_gp(lambda w, x: x @ w, unit, JX, JX2, jax.random.key(0))) < 1e-10
+    assert float(P.wgan_gp(lambda w, x: x @ w, unit, JX, JX2, key=jax.random.key(0))) < 1e-10
+
+
+def test_key_is_keyword_only_so_extra_arguments_pass_through(mlp):
+    """A critic's extra positional argument is not taken for the key; a key given
+    positionally (where it used to go) is refused with the fix."""
+    unit = jnp.array([0.6, 0.8, 0.0])
+    scaled = lambda w, x, s: s * (x @ w)  # gradient s·w, norm s: penalty 10 (s - 1)²
+    gp = P.wgan_gp(scaled, unit, JX, JX2, 2.0, key=jax.random.key(0))
+    assert_tree_allclose(gp, 10.0, rtol=1e-6)
+    jn = P.jacobian_norm(
+        lambda w, x, s: s * x[:, :2] @ w, jnp.eye(2), JX, 3.0, key=jax.random.key(1)
+    )
+    assert_tree_allclose(jn, 18.0, rtol=1e-5)  # J = 3·I₂: ‖J‖_F² = 18 for every projection
+    with pytest.raises(TypeError, match=r"wgan_gp: key is keyword-only.*key=jax\.random\.key"):
+        P.wgan_gp(lambda w, x: x @ w, unit, JX, JX2, jax.random.key(0))
+    with pytest.raises(TypeError, match=r"jacobian_norm: key is keyword-only"):
+        P.jacobian_norm(jax_net, mlp[1], JX, jax.random.key(0))
 
 
 def test_lazy_regularisation(mlp):
@@ -301,13 +320,13 @@ def test_lazy_regularisation(mlp):
 def test_errors(mlp):
     _, params = mlp
     with pytest.raises(ValueError, match=r"same shape .* \(6, 3\) and \(5, 3\)"):
-        P.wgan_gp(jax_critic, params, JX, JX2[:5], jax.random.key(0))
+        P.wgan_gp(jax_critic, params, JX, JX2[:5], key=jax.random.key(0))
     with pytest.raises(
         ValueError, match=r"one score per example, shape \(6,\) or \(6, 1\); got \(6, 2\)"
     ):
         P.r1(jax_net, params, JX)
     with pytest.raises(ValueError, match="one score per example"):
-        P.wgan_gp(jax_net, params, JX, JX2, jax.random.key(0))
+        P.wgan_gp(jax_net, params, JX, JX2, key=jax.random.key(0))
     with pytest.raises(TypeError, match="x must be floating point"):
         P.input_gradient(jax_critic, params, jnp.ones((6, 3), jnp.int32))
     with pytest.raises(TypeError, match="real must be floating point"):
@@ -323,4 +342,4 @@ def test_errors(mlp):
     with pytest.raises(TypeError, match="must return a scalar"):
         P.gradient_norm(jax_net, params, JX)
     with pytest.raises(ValueError, match=r"shape \(6, C\)"):
-        P.jacobian_norm(jax_critic, params, JX, jax.random.key(0))
+        P.jacobian_norm(jax_critic, params, JX, key=jax.random.key(0))

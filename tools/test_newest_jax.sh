@@ -32,6 +32,9 @@ rm -rf .venv-newest
 . .venv-newest/bin/activate
 quiet() { grep -v "^WARNING: Location" || true; }  # this machine's pip config lists local folders
 pip install -q --upgrade pip 2>&1 | quiet
-pip install -q --upgrade -e '.[test]' jax jaxlib flax optax 2>&1 | quiet
+# The newest jax, jaxlib, flax and optax; the test tools as pinned (a newer type checker
+# is not what this leg tests).
+grep -E '^(mypy)==' constraints.txt > .venv-newest/tools-pins.txt
+pip install -q --upgrade -c .venv-newest/tools-pins.txt -e '.[test]' jax jaxlib flax optax 2>&1 | quiet
 python -c 'import jax, jaxlib, flax, optax; print("versions: jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__, "optax", optax.__version__)'
 pytest -p no:cacheprovider "$@"

@@ -9,13 +9,14 @@ while only one micro-batch's activations are alive at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
 from fgrad._grads import add_into, is_none, prepare_grads, value_and_grad_trainable
+from fgrad._typing import PyTree
 
 Count = Callable[[Any], Any] | None
 
@@ -24,7 +25,9 @@ def _batch_size(batch: Any, caller: str) -> int:
     leaves = jax.tree_util.tree_leaves_with_path(batch)
     if not leaves:
         raise ValueError(f"{caller}: the batch is empty; pass arrays with a leading batch axis.")
-    sizes = {jax.tree_util.keystr(p): (jnp.shape(x)[0] if jnp.ndim(x) else None) for p, x in leaves}
+    sizes: dict[str, Any] = {
+        jax.tree_util.keystr(p): (jnp.shape(x)[0] if jnp.ndim(x) else None) for p, x in leaves
+    }
     if None in sizes.values():
         where = next(k for k, v in sizes.items() if v is None)
         raise ValueError(f"{caller}: batch{where} is a scalar; every leaf needs a batch axis.")
@@ -58,7 +61,7 @@ def _plan(n: int, microbatches: int | None, microbatch_size: int | None, caller:
             )
         return microbatches, n // microbatches, 0
     m = microbatch_size
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+    if not _checks.is_int(m) or not 1 <= m <= n:
         raise ValueError(
             f"{caller}: microbatch_size must be an int between 1 and the batch size {n}, got {m!r}."
         )
@@ -67,16 +70,16 @@ def _plan(n: int, microbatches: int | None, microbatch_size: int | None, caller:
 
 def accumulate(
     fn: Callable,
-    params: Any,
-    batch: Any,
+    params: PyTree,
+    batch: PyTree,
     *args: Any,
     microbatches: int | None = None,
     microbatch_size: int | None = None,
     count: Count = None,
-    grads: Any = None,
+    grads: PyTree = None,
     accum_dtype: Any = jnp.float32,
     unroll: int | bool = 1,
-    split: str = "strided",
+    split: Literal["strided", "contiguous"] = "strided",
 ) -> tuple[jax.Array, Any]:
     """Full-batch mean-loss gradient, computed over micro-batches in one ``lax.scan``.
 
@@ -124,9 +127,9 @@ def accumulate(
         sharded over devices gives every micro-batch a share of every device.
         ``"contiguous"``: micro-batch ``i`` holds examples ``i*m`` to ``i*m + m - 1``, the
         layout of a hand-written ``reshape(k, m, ...)`` loop; on one device it can be
-        faster (7% on `fgrad bench`'s CNN on CPU, whose convolutions read a strided
-        micro-batch slower), but on a sharded batch each micro-batch then sits on a
-        fraction of the devices. The result is the same either way.
+        faster (XLA's CPU convolutions read a strided micro-batch more slowly), but on a
+        sharded batch each micro-batch then sits on a fraction of the devices. The
+        result is the same either way.
 
     Returns:
       ``(value, grads)``: the full-batch mean loss and the accumulator with its gradient

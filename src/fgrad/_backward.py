@@ -11,13 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 from fgrad import _grads
+from fgrad._typing import PyTree
 
 
 def backward(
     fn: Callable,
-    params: Any,
+    params: PyTree,
     *args: Any,
-    grads: Any = None,
+    grads: PyTree = None,
     has_aux: bool = False,
 ) -> tuple[Any, Any]:
     """``loss.backward()``: adds the gradient of scalar ``fn(params, *args)`` into ``grads``.

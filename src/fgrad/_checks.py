@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +18,14 @@ def is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
+def is_int(x: Any) -> TypeGuard[int]:
+    """Whether ``x`` is a Python int and not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def positive_int(value: Any, name: str, caller: str) -> int:
     """``value`` if it is a positive int (not a bool), else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}.")
     return value
 
@@ -74,9 +79,8 @@ def split_aux(out: Any, caller: str) -> tuple[Any, Any]:
 
 def normalize_argnums(argnums: int | Sequence[int], nargs: int, caller: str) -> tuple[int, ...]:
     """``argnums`` as a tuple of non-negative indices into ``nargs`` positional args."""
-    single = isinstance(argnums, int)
-    nums = (argnums,) if single else tuple(argnums)
-    if not nums or not all(isinstance(i, int) and not isinstance(i, bool) for i in nums):
+    nums: tuple[Any, ...] = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    if not nums or not all(is_int(i) for i in nums):
         raise TypeError(
             f"{caller}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}."
         )

@@ -16,13 +16,14 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
 from fgrad._hessian import flat_hvp
+from fgrad._typing import PyTree
 
 
 class _Op(NamedTuple):
@@ -61,9 +62,9 @@ class Estimate(NamedTuple):
 
 def hessian_diagonal(
     f: Callable,
-    params: Any,
+    params: PyTree,
     *batch: Any,
-    method: str = "exact",
+    method: Literal["exact", "hutchinson"] = "exact",
     key: Any = None,
     samples: int = 100,
     chunk_size: int | None = None,
@@ -120,10 +121,10 @@ def hessian_diagonal(
 
 def hessian_trace(
     f: Callable,
-    params: Any,
+    params: PyTree,
     *batch: Any,
     key: Any = None,
-    method: str = "hutch++",
+    method: Literal["hutch++", "hutchinson"] = "hutch++",
     samples: int = 99,
 ) -> Estimate:
     """A stochastic estimate of the trace of the Hessian of ``f(params, *batch)``.
@@ -232,11 +233,11 @@ class Eigen(NamedTuple):
 
 def hessian_eigenvalues(
     f: Callable,
-    params: Any,
+    params: PyTree,
     *batch: Any,
     key: Any = None,
     k: int = 1,
-    which: str = "largest",
+    which: Literal["largest", "smallest"] = "largest",
     iterations: int | None = None,
     return_vectors: bool = False,
 ) -> Eigen:
@@ -322,7 +323,7 @@ class Spectrum(NamedTuple):
 
 def hessian_spectrum(
     f: Callable,
-    params: Any,
+    params: PyTree,
     *batch: Any,
     key: Any = None,
     iterations: int = 64,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
+from fgrad._typing import PyTree
 
 Trainable = Any  # None | bool | pytree of bools | Callable[[path, leaf], bool]
 
@@ -57,7 +58,7 @@ def trainable_mask(params: Any, trainable: Trainable, caller: str) -> Any:
         ) from None
 
 
-def zero_grad(params: Any, trainable: Trainable = None) -> Any:
+def zero_grad(params: PyTree, trainable: Trainable = None) -> PyTree:
     """A fresh gradient accumulator: zeros shaped like ``params``, ``None`` where frozen.
 
     PyTorch: ``optimizer.zero_grad(set_to_none=False)``, with ``requires_grad=False``

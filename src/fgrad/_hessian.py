@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jcore
 from jax.flatten_util import ravel_pytree
 
 from fgrad import _checks
+from fgrad._typing import P, PyTree, with_params_of
 
 HvpMethod = Literal["auto", "forward_over_reverse", "reverse_over_reverse"]
 _HVP_METHODS = ("auto", "forward_over_reverse", "reverse_over_reverse")
@@ -39,11 +41,18 @@ def _check_tangent(params: Any, v: Any, caller: str) -> None:
         )
 
 
-def _is_forward_mode_refusal(e: Exception) -> bool:
-    return "custom_vjp" in str(e) and ("forward-mode" in str(e) or "jvp" in str(e))
+def _calls_custom_vjp(jaxpr) -> bool:
+    """Whether ``jaxpr`` (sub-programs included) calls a ``jax.custom_vjp`` function, which
+    JAX refuses to differentiate in forward mode."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("custom_vjp_call"):
+            return True
+        if any(_calls_custom_vjp(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
+            return True
+    return False
 
 
-def hvp(f: Callable, params: Any, v: Any, *args: Any, method: HvpMethod = "auto") -> Any:
+def hvp(f: Callable, params: PyTree, v: PyTree, *args: Any, method: HvpMethod = "auto") -> PyTree:
     """The Hessian-vector product ``H v`` of scalar ``f(params, *args)`` w.r.t. ``params``.
 
     Args:
@@ -90,13 +99,12 @@ def _hvp(f: Callable, params: Any, v: Any, args: tuple, method: str, caller: str
 
     if method == "reverse_over_reverse":
         return reverse()
+    # Forward mode differentiates the gradient's program: a custom_vjp left in it (one
+    # called by another's backward or forward rule) refuses, so "auto" goes reverse.
+    if method == "auto" and _calls_custom_vjp(jax.make_jaxpr(grad)(params).jaxpr):
+        return reverse()
     v_cast = jax.tree.map(lambda p, t: jnp.asarray(t, jnp.result_type(p)), params, v)
-    try:
-        return jax.jvp(grad, (params,), (v_cast,))[1]
-    except TypeError as e:
-        if method == "auto" and _is_forward_mode_refusal(e):
-            return reverse()
-        raise
+    return jax.jvp(grad, (params,), (v_cast,))[1]
 
 
 def flat_hvp(f: Callable, params: Any, args: tuple, caller: str):
@@ -140,7 +148,9 @@ def dense_hessian(
     return jax.lax.map(column, eye, batch_size=min(chunk_size, n)).T
 
 
-def hessian(f: Callable, argnums: int = 0, *, chunk_size: int | None = None) -> Callable:
+def hessian(
+    f: Callable[P, Any], argnums: int = 0, *, chunk_size: int | None = None
+) -> Callable[P, PyTree]:
     """Transforms scalar ``f`` into its Hessian w.r.t. one (pytree) argument, as nested blocks.
 
     ``hessian(f)(params)[a][b]`` is the block ∂²f/∂params[a]∂params[b], shaped
@@ -166,7 +176,7 @@ def hessian(f: Callable, argnums: int = 0, *, chunk_size: int | None = None) -> 
       [[4.0, 6.0], [6.0, 0.0]]
     """
     caller = "fgrad.hessian"
-    if isinstance(argnums, bool) or not isinstance(argnums, int):
+    if not _checks.is_int(argnums):
         raise TypeError(f"{caller}: argnums must be one int, got {argnums!r}.")
     if chunk_size is not None:
         _checks.positive_int(chunk_size, "chunk_size", caller)
@@ -176,9 +186,9 @@ def hessian(f: Callable, argnums: int = 0, *, chunk_size: int | None = None) -> 
         (i,) = _checks.normalize_argnums(argnums, len(args), caller)
         params = args[i]
         _checks.require_float_tree(params, caller, f"argument {i}")
-        g = lambda p, *rest: f(*rest[:i], p, *rest[i:])
+        g = lambda p, *rest: cast(Callable[..., Any], f)(*rest[:i], p, *rest[i:])
         rest = (*args[:i], *args[i + 1 :])
         dense = dense_hessian(g, params, *rest, chunk_size=chunk_size, caller=caller)
         return _blocks(dense, params)
 
-    return wrapped
+    return with_params_of(f, wrapped)

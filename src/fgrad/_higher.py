@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from jax.experimental import jet
 from jax.extend import core as jcore
 
 from fgrad import _checks
+from fgrad._typing import P, with_params_of
 
 Method = Literal["auto", "nested", "taylor"]
 _METHODS = ("auto", "nested", "taylor")
@@ -66,13 +67,13 @@ def _taylor(g: Callable, order: int, x: jax.Array, caller: str) -> jax.Array:
 
 
 def derivative(
-    f: Callable,
+    f: Callable[P, Any],
     order: int = 1,
     *,
     argnums: int | Sequence[int] = 0,
     method: Method = "auto",
     return_method: bool = False,
-) -> Callable:
+) -> Callable[P, Any]:
     """The ``order``-th derivative of ``f`` with respect to one array argument.
 
     ``derivative(f, 2)(x)`` is PyTorch's
@@ -117,7 +118,7 @@ def derivative(
       Array(108., dtype=float32, weak_type=True)
     """
     caller = "fgrad.derivative"
-    if isinstance(order, bool) or not isinstance(order, int):
+    if not _checks.is_int(order):
         raise TypeError(f"{caller}: order must be an int, got {order!r}.")
     if order < 0:
         raise ValueError(f"{caller}: order must be >= 0, got {order}.")
@@ -125,10 +126,8 @@ def derivative(
         raise ValueError(f"{caller}: method must be one of {_METHODS}, got {method!r}.")
     mixed = not isinstance(argnums, int)
     if mixed:
-        nums_spec = tuple(argnums)
-        if not nums_spec or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in nums_spec
-        ):
+        nums_spec = tuple(cast(Sequence[int], argnums))
+        if not nums_spec or not all(_checks.is_int(i) for i in nums_spec):
             raise TypeError(
                 f"{caller}: argnums must be an int or a tuple of ints, got {argnums!r}."
             )
@@ -139,11 +138,11 @@ def derivative(
             )
         if method == "taylor" and len(set(nums_spec)) > 1:
             raise ValueError(f"{caller}: method='taylor' cannot take mixed partials; use 'nested'.")
-    elif isinstance(argnums, bool):
+    elif not _checks.is_int(argnums):  # a bool
         raise TypeError(f"{caller}: argnums must be an int or a tuple of ints, got {argnums!r}.")
 
     def checked(*args: Any):
-        out = f(*args)
+        out = cast(Callable[..., Any], f)(*args)  # positional arguments only
         if not (hasattr(out, "dtype") or isinstance(out, float)) or not _checks.is_float(out):
             raise TypeError(
                 f"{caller}: f must return one floating-point array, got "
@@ -155,7 +154,6 @@ def derivative(
     def wrapped(*args: Any):
         spec = nums_spec if mixed else (argnums,) * max(order, 1)
         nums = [_checks.normalize_argnums(i, len(args), caller)[0] for i in spec]
-        args = list(args)
         for i in set(nums):
             x = args[i]
             if not (isinstance(x, (int, float)) or hasattr(x, "dtype")):
@@ -163,7 +161,7 @@ def derivative(
                     f"{caller}: argument {i} must be an array or a number, got {type(x).__name__}."
                 )
             _checks.require_float_tree(x, caller, f"argument {i}")
-            args[i] = jnp.asarray(x)
+            args = (*args[:i], jnp.asarray(x), *args[i + 1 :])
         if order == 0:
             out, used = checked(*args), "nested"
         else:
@@ -185,4 +183,4 @@ def derivative(
                 out = _nested(checked, nums)(*args)
         return (out, used) if return_method else out
 
-    return wrapped
+    return with_params_of(f, wrapped)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from fgrad import _checks, _trace
+from fgrad._typing import P, PyTree, with_params_of
 
 Names = str | Sequence[str] | None
 OnRepeat = Literal["error", "split", "sum"]
@@ -38,7 +39,7 @@ class _Selection:
         return {k: jax.tree.unflatten(self.trees[k], list(leaves_by_key[k])) for k in self.trees}
 
 
-def _check_names(names: Names, known: Sequence[str], caller: str) -> list[str]:
+def _check_names(names: str | Sequence[str], known: Sequence[str], caller: str) -> list[str]:
     chosen = [names] if isinstance(names, str) else list(names)
     bad = [n for n in chosen if not isinstance(n, str)]
     if bad:
@@ -114,7 +115,9 @@ def _select(
     return _Selection(_trace.Plan(keys), trees, shapes)
 
 
-def intermediates(fn: Callable, names: Names = None, *, on_repeat: OnRepeat = "error") -> Callable:
+def intermediates(
+    fn: Callable[P, Any], names: Names = None, *, on_repeat: OnRepeat = "error"
+) -> Callable[P, tuple[Any, dict[str, PyTree]]]:
     """Transforms ``fn`` to also return the values of its taps.
 
     Args:
@@ -145,9 +148,10 @@ def intermediates(fn: Callable, names: Names = None, *, on_repeat: OnRepeat = "e
         outs, rec = _trace.run(
             traced.jaxpr.jaxpr, traced.jaxpr.consts, jax.tree.leaves(args), sel.plan, {}
         )
+        assert rec is not None  # recorded: run's record=True
         return jax.tree.unflatten(traced.out_tree, outs), sel.unflatten(rec)
 
-    return wrapped
+    return with_params_of(fn, wrapped)
 
 
 def _vjp(fn, names, args, *, has_aux, argnums, on_repeat, caller):
@@ -192,13 +196,13 @@ def _vjp(fn, names, args, *, has_aux, argnums, on_repeat, caller):
 
 
 def value_and_grad_intermediates(
-    fn: Callable,
+    fn: Callable[P, Any],
     names: Names = None,
     *,
     has_aux: bool = False,
     argnums: int | Sequence[int] | None = None,
     on_repeat: OnRepeat = "error",
-) -> Callable:
+) -> Callable[P, tuple[Any, PyTree]]:
     """Transforms scalar ``fn`` to return its value and its gradient w.r.t. taps.
 
     Args:
@@ -241,17 +245,17 @@ def value_and_grad_intermediates(
         grads = pull(jnp.ones_like(y))
         return ((out, aux) if has_aux else out), grads
 
-    return wrapped
+    return with_params_of(fn, wrapped)
 
 
 def grad_intermediates(
-    fn: Callable,
+    fn: Callable[P, Any],
     names: Names = None,
     *,
     has_aux: bool = False,
     argnums: int | Sequence[int] | None = None,
     on_repeat: OnRepeat = "error",
-) -> Callable:
+) -> Callable[P, PyTree]:
     """Transforms scalar ``fn`` to return its gradient w.r.t. its taps: ``autograd.grad(y, l)``.
 
     Every requested tap's gradient comes from one forward and one backward pass. The
@@ -283,7 +287,7 @@ def grad_intermediates(
       >>> fgrad.grad_intermediates(net, "l")(fgrad.models.seed_params(), jnp.array([[4.0]]))
       {'l': Array([[120.]], dtype=float32)}
     """
-    vg = value_and_grad_intermediates(
+    vg: Callable[..., Any] = value_and_grad_intermediates(
         fn, names, has_aux=has_aux, argnums=argnums, on_repeat=on_repeat
     )
 
@@ -292,17 +296,17 @@ def grad_intermediates(
         (value, grads) = vg(*args)
         return (grads, value[1]) if has_aux else grads
 
-    return wrapped
+    return with_params_of(fn, wrapped)
 
 
 def vjp_intermediates(
-    fn: Callable,
+    fn: Callable[P, Any],
     names: Names = None,
     *,
     has_aux: bool = False,
     argnums: int | Sequence[int] | None = None,
     on_repeat: OnRepeat = "error",
-) -> Callable:
+) -> Callable[P, tuple[Any, Callable[[Any], PyTree]]]:
     """Transforms ``fn`` to return its output and a reusable pullback to its taps.
 
     This is ``retain_graph=True``, always: the pullback is a pure function that can be
@@ -354,4 +358,4 @@ def vjp_intermediates(
 
         return (out, pullback, aux) if has_aux else (out, pullback)
 
-    return wrapped
+    return with_params_of(fn, wrapped)

@@ -18,6 +18,7 @@ from flax import linen as nn
 from flax import nnx
 
 from fgrad._tap import tap
+from fgrad._typing import P, R
 
 Paths = str | Sequence[str]
 
@@ -46,7 +47,9 @@ def _check_all_matched(patterns, seen: Sequence[str], caller: str) -> None:
         )
 
 
-def tap_linen(fn: Callable, paths: Paths = "*", *, method: str = "__call__") -> Callable:
+def tap_linen(
+    fn: Callable[P, R], paths: Paths = "*", *, method: str = "__call__"
+) -> Callable[P, R]:
     """Taps the outputs of chosen submodules of a Flax linen model, unmodified.
 
     The linen equivalent of ``module.register_forward_hook`` for
@@ -119,8 +122,8 @@ def _tapping_subclass(cls: type) -> type:
 
 
 def tap_nnx(
-    fn: Callable, paths: Paths = "*", *, argnum: int = 0, model: nnx.Module | None = None
-) -> Callable:
+    fn: Callable[P, R], paths: Paths = "*", *, argnum: int = 0, model: nnx.Module | None = None
+) -> Callable[P, R]:
     """Taps the outputs of chosen submodules of a Flax nnx model, unmodified.
 
     The nnx equivalent of ``module.register_forward_hook``: every submodule whose path

@@ -17,13 +17,14 @@ always available. The conventions that are easy to get wrong in PyTorch are fixe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Concatenate, Literal
 
 import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
 from fgrad._intermediates import grad_intermediates
+from fgrad._typing import P, PyTree
 
 
 def _per_example(out: Any, batch: int, caller: str, what: str = "critic") -> jax.Array:
@@ -36,6 +37,17 @@ def _per_example(out: Any, batch: int, caller: str, what: str = "critic") -> jax
         f"({batch}, 1); got {shape}. Reduce other axes inside the {what} (a critic that "
         "returns several scores per example makes the input gradient ambiguous)."
     )
+
+
+def _no_positional_key(args: tuple, caller: str, fn: str) -> None:
+    """Refuses a PRNG key passed positionally where ``key=`` is keyword-only: it would be
+    handed to ``fn`` as an extra argument."""
+    for a in args:
+        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            raise TypeError(
+                f"{caller}: key is keyword-only; a PRNG key among the positional arguments "
+                f"would be passed to {fn} as an extra argument. Pass key=jax.random.key(seed)."
+            )
 
 
 def _batch_of(x: jax.Array, caller: str, name: str = "x") -> int:
@@ -59,7 +71,7 @@ def _mean_sq_input_grad(critic, params, x, args, caller):
     return jnp.mean(_sq_norm_per_example(_input_grads(critic, params, x, args, caller)))
 
 
-def input_gradient(fn: Callable, params: Any, x: jax.Array, *args: Any) -> jax.Array:
+def input_gradient(fn: Callable, params: PyTree, x: jax.Array, *args: Any) -> jax.Array:
     """Double backprop (Drucker and LeCun 1992): the mean squared norm of per-example input
     gradients, ``mean_i ‖∂fn_i/∂x_i‖²``.
 
@@ -133,11 +145,11 @@ def intermediate_gradient(
 
 def wgan_gp(
     critic: Callable,
-    params: Any,
+    params: PyTree,
     real: jax.Array,
     fake: jax.Array,
-    key: Any = None,
     *args: Any,
+    key: Any = None,
     weight: float = 10.0,
     epsilon: jax.Array | None = None,
 ) -> jax.Array:
@@ -151,8 +163,8 @@ def wgan_gp(
       real: real samples, leading batch axis.
       fake: generated samples, the same shape as ``real`` (pass them through
         ``jax.lax.stop_gradient`` if the generator must not be trained by the penalty).
-      key: PRNG key for ``ε``.
       *args: further critic arguments.
+      key: PRNG key for ``ε`` (keyword-only).
       weight: λ, 10 in the paper.
       epsilon: the interpolation weights themselves, shape ``(batch,)``, instead of
         ``key`` (e.g. to reproduce a PyTorch run).
@@ -166,13 +178,15 @@ def wgan_gp(
       >>> critic = lambda w, x: x @ w  # gradient w everywhere: penalty 10 (‖w‖ - 1)²
       >>> real, fake = jnp.ones((4, 2)), jnp.zeros((4, 2))
       >>> float(fgrad.penalties.wgan_gp(critic, jnp.array([3.0, 4.0]), real, fake,
-      ...                               jax.random.key(0)))
+      ...                               key=jax.random.key(0)))
       160.0
 
     References:
       Gulrajani et al., "Improved training of Wasserstein GANs", 2017.
     """
     caller = "fgrad.penalties.wgan_gp"
+    if key is None and epsilon is None:
+        _no_positional_key(args, caller, "the critic")
     n = _batch_of(real, caller, "real")
     _batch_of(fake, caller, "fake")
     if jnp.shape(real) != jnp.shape(fake):
@@ -233,7 +247,7 @@ def r2(critic: Callable, params: Any, fake: jax.Array, *args: Any, gamma: float 
     return 0.5 * gamma * _mean_sq_input_grad(critic, params, fake, args, caller)
 
 
-def lazy(penalty: Callable, every: int) -> Callable:
+def lazy(penalty: Callable[P, Any], every: int) -> Callable[Concatenate[Any, P], jax.Array]:
     """Lazy regularisation (Karras et al. 2020, StyleGAN2): the penalty only on every
     ``every``-th step, multiplied by ``every`` so its average strength is unchanged.
 
@@ -273,9 +287,9 @@ def _grad_leaves_norm(g: Any) -> jax.Array:
 
 def gradient_norm(
     fn: Callable,
-    params: Any,
+    params: PyTree,
     *batch: Any,
-    method: str = "exact",
+    method: Literal["exact", "finite_difference"] = "exact",
     r: float = 0.01,
 ) -> jax.Array:
     """The parameter-gradient norm penalty ``‖∇θ L(θ)‖₂`` (Zhao et al. 2022).
@@ -349,10 +363,10 @@ def _fd_norm(scalar: Callable, r: float, params: Any) -> jax.Array:
 
 def jacobian_norm(
     fn: Callable,
-    params: Any,
+    params: PyTree,
     x: jax.Array,
-    key: Any = None,
     *args: Any,
+    key: Any = None,
     projections: int = 1,
     vectors: jax.Array | None = None,
 ) -> jax.Array:
@@ -366,8 +380,8 @@ def jacobian_norm(
       fn: ``fn(params, x, *args)`` returning per-example outputs, shape ``(batch, C)``.
       params: the parameters.
       x: inputs with a leading batch axis.
-      key: PRNG key for the projections.
       *args: further arguments of ``fn``.
+      key: PRNG key for the projections (keyword-only).
       projections: the number of random projections (the paper uses 1).
       vectors: the projection vectors themselves, shape ``(projections, batch, C)``, each
         of unit norm per example, instead of ``key``.
@@ -380,7 +394,7 @@ def jacobian_norm(
       >>> import fgrad
       >>> fn = lambda w, x: x @ w  # J = wᵀ: ‖J‖_F² = 0² + 1² + ... + 5² = 55
       >>> w = jnp.arange(6.0).reshape(3, 2)
-      >>> est = fgrad.penalties.jacobian_norm(fn, w, jnp.ones((50, 3)), jax.random.key(0),
+      >>> est = fgrad.penalties.jacobian_norm(fn, w, jnp.ones((50, 3)), key=jax.random.key(0),
       ...                                     projections=50)
       >>> 45 < float(est) < 65
       True
@@ -389,6 +403,8 @@ def jacobian_norm(
       Hoffman, Roberts, Yaida, "Robust learning with Jacobian regularization", 2019.
     """
     caller = "fgrad.penalties.jacobian_norm"
+    if key is None and vectors is None:
+        _no_positional_key(args, caller, "fn")
     n = _batch_of(x, caller)
     out, pullback = jax.vjp(lambda x_: fn(params, x_, *args), x)
     if jnp.ndim(out) != 2 or out.shape[0] != n:

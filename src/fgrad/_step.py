@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fgrad._grads import Trainable, check_grads, is_none, trainable_mask
+from fgrad._typing import PyTree
 
 
 def _keep_frozen(new: Any, old: Any, frozen: Any, params_tree: Any) -> Any:
@@ -33,9 +34,9 @@ def _keep_frozen(new: Any, old: Any, frozen: Any, params_tree: Any) -> Any:
 
 def step(
     optimizer: optax.GradientTransformation,
-    params: Any,
-    opt_state: Any,
-    grads: Any,
+    params: PyTree,
+    opt_state: PyTree,
+    grads: PyTree,
     *,
     trainable: Trainable = None,
 ) -> tuple[Any, Any]:

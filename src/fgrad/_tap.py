@@ -63,7 +63,7 @@ mlir.register_lowering(tap_p, _tap_lowering)
 ad.primitive_jvps[tap_p] = _tap_jvp
 ad.primitive_transposes[tap_p] = _tap_transpose
 batching.primitive_batchers[tap_p] = _tap_batch
-jet.jet_rules[tap_p] = _tap_jet
+jet.jet_rules[tap_p] = _tap_jet  # type: ignore[assignment]  # typed by its first rule
 
 
 def tap(name: str, x: T) -> T:

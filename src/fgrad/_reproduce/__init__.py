@@ -8,7 +8,6 @@ checked against an eager run). A row matches when every value present agrees.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
 import platform
@@ -17,6 +16,7 @@ from typing import Any, TextIO
 
 import jax
 
+from fgrad._console import print_table, torch_available
 from fgrad._reproduce._notebook import QUANTITIES, SECOND_BACKWARD_ERROR
 
 RTOL = 1e-6
@@ -33,13 +33,6 @@ def _same(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return math.isclose(a, b, rel_tol=RTOL, abs_tol=0.0)
-
-
-def torch_available() -> bool:
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def compare(*, use_torch: bool | None = None) -> dict[str, Any]:
@@ -132,15 +125,6 @@ def render(report: dict[str, Any], out: TextIO) -> None:
         )
         for r in report["rows"]
     ]
-    widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
-    right = {0, 2, 3, 4}
-
-    def line(cells):
-        return "  ".join(
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
     print("The seed notebook, y = ((w1*x)*w2 + b2)^2 with w1=3, w2=2, b2=6, x=4", file=out)
     print(
         f"fgrad on JAX {report['jax']} ({report['backend']}, jit-compiled and eager); "
@@ -148,10 +132,7 @@ def render(report: dict[str, Any], out: TextIO) -> None:
         file=out,
     )
     print(file=out)
-    print(line(head), file=out)
-    print(line(["-" * w for w in widths]), file=out)
-    for row in body:
-        print(line(row), file=out)
+    print_table(head, body, out, right={0, 2, 3, 4})
 
     s = report["second_backward"]
     print(file=out)

@@ -8,19 +8,11 @@ import jax
 import jax.numpy as jnp
 
 import fgrad
+from fgrad.models import seed_dy_dl as f_fn  # the notebook's f = autograd.grad(y, l, ...)
 from fgrad.models import seed_net, seed_params
+from fgrad.models import seed_y as y_fn  # the notebook's y as a function of the parameters
 
 W1, W2, B2 = "linear1.weight", "linear2.weight", "linear2.bias"
-
-
-def y_fn(params, z):
-    """The notebook's output ``y`` as a function of the parameters."""
-    return seed_net(params, z)[1]
-
-
-def f_fn(params, z):
-    """The notebook's ``f = autograd.grad(y, l, create_graph=True)``: differentiable."""
-    return fgrad.grad_intermediates(y_fn, "l")(params, z)["l"]
 
 
 def _put(out: dict[str, Any], prefix: str, grads: dict[str, Any]) -> None:

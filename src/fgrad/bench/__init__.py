@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Any, TextIO
 
+from fgrad._console import torch_available
 from fgrad.bench._cases import cases
 from fgrad.bench._report import add_derived, plot, ratios, render
 from fgrad.bench._worker import JAX_PRECISION
@@ -62,15 +63,6 @@ def machine(device: str, accelerator: str | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-
-
-def _torch_available() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 class _Progress:
@@ -198,7 +190,7 @@ def run(
             "the CPU). Install the CUDA builds of JAX and PyTorch (e.g. pip install "
             "'jax[cuda13]' and a CUDA torch), or use --device cpu (or auto)."
         )
-    have_torch = _torch_available()
+    have_torch = torch_available()
     todo = cases(suite, only, torch=have_torch)
     if not todo:
         raise ValueError(f"fgrad bench: no case matches --only {only!r}.")

@@ -1,32 +1,20 @@
-"""Which (workload, operation, implementation) cases a suite runs."""
+"""Which (workload, operation, implementation) cases a suite runs: every registered
+operation (`fgrad.bench._registry`) on the suite's workloads it applies to."""
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import importlib
 
+from fgrad.bench._registry import Framework, Registry
 from fgrad.bench._workloads import Workload, workloads
 
-OPS = (
-    "grad",
-    "grad_intermediates",
-    "backward_accumulate",
-    "microbatch",
-    "microbatch_unrolled",
-    "input_gradient",
-    "wgan_gp",
-    "hvp",
-    "hessian",
-    "derivative8",
-)
-JAX_IMPLS = ("fgrad", "jax")
-TORCH_IMPLS = ("torch", "torch.func", "torch.compile")
-TORCH_FUNC_OPS = {"grad", "hvp", "hessian", "input_gradient"}
-# torch.compile does not support double backward (create_graph=True through a compiled
-# graph): these cases are reported as unsupported.
-DOUBLE_BACKWARD = {"input_gradient", "wgan_gp", "hvp", "hessian"}
-MAX_HESSIAN_PARAMS = 1000  # dense Hessians only on small models
-SCALAR = Workload("scalar", "scalar", {}, 1)  # the n-th derivative of sin(tanh(x) e^x)
+# The modules whose JAX / TORCH / APPLIES / WORKLOADS tables make the default registry, in
+# order (their operations are listed in that order). A new module of operations plugs in
+# by adding its name here.
+OP_MODULES = ("fgrad.bench._jax_ops", "fgrad.bench._torch_ops")
 
 
 class Unsupported(Exception):
@@ -34,60 +22,51 @@ class Unsupported(Exception):
     as "unsupported", not as a failure."""
 
 
+@functools.cache
+def registry() -> Registry:
+    """The default registry, built from `OP_MODULES` on first use (so that those modules
+    may import this one)."""
+    reg = Registry()
+    for name in OP_MODULES:
+        reg.add_tables(importlib.import_module(name))
+    return reg
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     workload: Workload
     op: str
     impl: str
+    framework: Framework | None = dataclasses.field(default=None, compare=False)
 
-    @property
-    def framework(self) -> str:
-        return "torch" if self.impl.startswith("torch") else "jax"
+    def __post_init__(self) -> None:
+        if self.framework is None:  # looked up in the default registry
+            object.__setattr__(self, "framework", registry().framework(self.op, self.impl))
 
     @property
     def key(self) -> str:
         return f"{self.workload.name}/{self.op}/{self.impl}"
 
 
-def _n_params(w: Workload) -> int:
-    return sum(v.size for v in w.numpy_params().values())
+def cases(
+    suite: str, only: str | None = None, *, torch: bool = True, reg: Registry | None = None
+) -> list[Case]:
+    """Every case of ``suite`` whose ``workload/op`` matches the glob ``only``: per suite
+    workload, each operation that applies to it with all its implementations; then each
+    operation's own workloads."""
+    reg = registry() if reg is None else reg
+    out: list[Case] = []
 
+    def add(w: Workload, op: str) -> None:
+        out.extend(Case(w, op, impl, reg.framework(op, impl)) for impl in reg.impls(op))
 
-def _ops_for(w: Workload) -> list[str]:
-    if w.name == "hessian-mlp":
-        return ["hessian"]
-    ops = [op for op in OPS if op not in ("hessian", "derivative8")]
-    if w.batch % 4:
-        ops.remove("microbatch")
-        ops.remove("microbatch_unrolled")
-    if _n_params(w) <= MAX_HESSIAN_PARAMS:
-        ops.append("hessian")
-    return ops
-
-
-def _impls_for(op: str) -> list[str]:
-    if op == "derivative8":
-        return ["fgrad", "fgrad-nested", "jax", "torch", "torch.compile"]
-    impls = [*JAX_IMPLS, "torch"]
-    if op in TORCH_FUNC_OPS:
-        impls.append("torch.func")
-    if op == "grad" or op in DOUBLE_BACKWARD:
-        impls.append("torch.compile")  # measured on "grad"; double backward: unsupported
-    return impls
-
-
-def cases(suite: str, only: str | None = None, *, torch: bool = True) -> list[Case]:
-    """Every case of ``suite`` whose ``workload/op`` matches the glob ``only``."""
-    ws = workloads(suite)
-    if suite != "tiny":
-        ws.append(
-            Workload("hessian-mlp", "mlp", {"inputs": 8, "width": 16, "depth": 2, "classes": 3}, 16)
-        )
-    out = []
-    for w in ws:
-        for op in _ops_for(w):
-            out += [Case(w, op, impl) for impl in _impls_for(op)]
-    out += [Case(SCALAR, "derivative8", impl) for impl in _impls_for("derivative8")]
+    for w in workloads(suite):
+        for op in reg.ops():
+            if reg.applies(op, w):
+                add(w, op)
+    for op in reg.ops():
+        for w in reg.own_workloads(op, suite):
+            add(w, op)
     if only:
         pats = [p.strip() for p in only.split(",") if p.strip()]
         out = [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
+from fgrad._console import print_table
+
 REFERENCES = ("jax", "torch", "torch.func", "torch.compile")
 
 
@@ -111,15 +113,7 @@ def render(report: dict, out: TextIO) -> None:
                 "" if frac is None else f"{100 * frac:.1f}",
             )
         )
-    widths = [max(len(str(x[i])) for x in (head, *rows)) for i in range(len(head))]
-    line = lambda cells: "  ".join(
-        str(c).ljust(wd) if i < 2 else str(c).rjust(wd)
-        for i, (c, wd) in enumerate(zip(cells, widths, strict=True))
-    )
-    print(line(head), file=out)
-    print(line(["-" * wd for wd in widths]), file=out)
-    for r in rows:
-        print(line(r), file=out)
+    print_table(head, rows, out, right=range(2, len(head)))
     fw = {m["framework"]: m for m in report["frameworks"]}
     print(file=out)
     for name, m in fw.items():

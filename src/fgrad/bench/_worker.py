@@ -16,8 +16,9 @@ import sys
 import time
 import traceback
 
-from fgrad.bench._cases import Unsupported
+from fgrad.bench._cases import Unsupported, registry
 from fgrad.bench._measure import measure_group
+from fgrad.bench._registry import Registry
 
 
 def _setup_jax_env(device: str, threads: int) -> None:
@@ -126,7 +127,9 @@ def _run_cases(todo, framework: str, build, sync, args, extras=None) -> None:
             _emit(recs[case.key])
 
 
-def run_jax(args, todo) -> None:
+def run_jax(args, todo, reg: Registry | None = None) -> None:
+    """Runs the JAX cases ``todo`` with the builders of ``reg`` (the default registry)."""
+    reg = registry() if reg is None else reg
     _setup_jax_env(args.device, args.threads)
     import jax
     import jax.numpy as jnp
@@ -155,20 +158,18 @@ def run_jax(args, todo) -> None:
     )
 
     def build(case):
-        if case.op == "derivative8":
-            fn, fargs = _jax_ops.build_scalar(case.op, case.impl)
-        else:
-            fn, fargs = _jax_ops.build(case.op, case.impl, case.workload)
+        fn, fargs = reg.builder(case.op, case.impl)(case.impl, case.workload)
         return (lambda: fn(*fargs)), (fn, fargs)
 
     _run_cases(todo, "jax", build, sync, args, lambda info, run: _jax_ops.cost(*info))
     _emit_peak("jax", peak())
 
 
-def run_torch(args, todo) -> None:
+def run_torch(args, todo, reg: Registry | None = None) -> None:
+    """Runs the PyTorch cases ``todo`` with the builders of ``reg`` (the default registry)."""
     import torch
 
-    from fgrad.bench import _torch_ops
+    reg = registry() if reg is None else reg
 
     device = "cuda" if args.device == "gpu" else "cpu"
     if args.threads > 0:
@@ -198,10 +199,7 @@ def run_torch(args, todo) -> None:
 
     def build(case):
         before = allocated()
-        if case.op == "derivative8":
-            run = _torch_ops.build_scalar(case.op, case.impl, device)
-        else:
-            run = _torch_ops.build(case.op, case.impl, case.workload, device)
+        run = reg.builder(case.op, case.impl)(case.impl, case.workload, device)
         return run, allocated() - before  # the case's own tensors (parameters, batch)
 
     def memory(inputs, run):

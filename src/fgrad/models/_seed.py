@@ -87,6 +87,49 @@ def seed_net(params: dict[str, jax.Array], x: jax.Array) -> tuple[jax.Array, jax
     return l, y
 
 
+def seed_y(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """The notebook's output ``y`` as a function of the parameters: ``seed_net(...)[1]``.
+
+    Args:
+      params: as made by `seed_params`.
+      x: inputs of shape ``(..., 1)``.
+
+    Returns:
+      ``y = ((x W1ᵀ) W2ᵀ + b2)²``, shaped like ``x``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> fgrad.models.seed_y(fgrad.models.seed_params(), jnp.array([[4.0]]))
+      Array([[900.]], dtype=float32)
+    """
+    return seed_net(params, x)[1]
+
+
+def seed_dy_dl(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """The notebook's ``autograd.grad(y, l, create_graph=True)``, differentiable.
+
+    ``dy/dl = 2 (l w2 + b2) w2`` at the tapped ``l = x W1ᵀ``, computed by
+    `fgrad.grad_intermediates`.
+
+    Args:
+      params: as made by `seed_params`.
+      x: inputs of shape ``(..., 1)``.
+
+    Returns:
+      ``dy/dl``, shaped like ``x``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import fgrad
+      >>> fgrad.models.seed_dy_dl(fgrad.models.seed_params(), jnp.array([[4.0]]))
+      Array([[120.]], dtype=float32)
+    """
+    from fgrad._intermediates import grad_intermediates  # fgrad imports this module first
+
+    return grad_intermediates(seed_y, "l")(params, x)["l"]
+
+
 class SeedNet(nn.Module):
     """The seed network as a Flax linen module; ``l`` is tapped as "l".
 
@@ -142,7 +185,7 @@ class SeedNetNNX(nnx.Module):
         self.linear2 = nnx.Linear(1, 1, rngs=rngs)
         self.linear1.kernel[...] = p["linear1.weight"].T
         self.linear2.kernel[...] = p["linear2.weight"].T
-        self.linear2.bias[...] = p["linear2.bias"]
+        self.linear2.bias[...] = p["linear2.bias"]  # type: ignore[index]  # use_bias=True
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         _check_input(x, "fgrad.models.SeedNetNNX")
