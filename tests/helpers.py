@@ -48,25 +48,25 @@ def from_torch(t) -> jax.Array:
     return jnp.asarray(t.detach().cpu().numpy())
 
 
-class _SeedNet(torch.nn.Module):
-    """The notebook's Net, as its In[3] writes it (the PyTorch reference of the tests)."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear1 = torch.nn.Linear(1, 1, bias=False)
-        self.linear1.weight.data = torch.tensor([[3.0]])
-        self.linear2 = torch.nn.Linear(1, 1, bias=True)
-        self.linear2.weight.data = torch.tensor([[2.0]])
-        self.linear2.bias.data = torch.tensor([6.0])
-
-    def forward(self, x):
-        l = self.linear1(x)
-        return l, self.linear2(l).pow(2)
-
-
 def torch_seed_net():
-    """The notebook's Net, built exactly as in its In[3]."""
-    return _SeedNet()
+    """The notebook's Net, built exactly as in its In[3] (the PyTorch reference of the
+    tests; torch imported here, so this module also serves the leg without PyTorch)."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear1 = torch.nn.Linear(1, 1, bias=False)
+            self.linear1.weight.data = torch.tensor([[3.0]])
+            self.linear2 = torch.nn.Linear(1, 1, bias=True)
+            self.linear2.weight.data = torch.tensor([[2.0]])
+            self.linear2.bias.data = torch.tensor([6.0])
+
+        def forward(self, x):
+            l = self.linear1(x)
+            return l, self.linear2(l).pow(2)
+
+    return Net()
 
 
 def cpu_data_parallel(axis: str):
