@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
-from fgrad._grads import add_into, is_none, prepare_grads, value_and_grad_trainable
+from fgrad._grads import (
+    add_into,
+    is_hole,
+    live_leaves,
+    prepare_grads,
+    value_and_grad_trainable,
+)
 
 Count = Callable[[Any], Any] | None
 
@@ -149,12 +155,31 @@ def accumulate(
     n = _batch_size(batch, caller)
     k, m, r = _plan(n, microbatches, microbatch_size, caller)
     acc_dt = lambda leaf: leaf.dtype if accum_dtype is None else _wider(leaf.dtype, accum_dtype)
-    sums = jax.tree.map(
-        lambda g: None if g is None else jnp.zeros(g.shape, acc_dt(g)),
-        grads,
-        is_leaf=is_none,
+
+    # Equal micro-batches: reshape (k*m, ...) -> (m, k, ...) (strided) or (k, m, ...)
+    # (contiguous) is free, and a dynamic index along the k axis reads one micro-batch
+    # without copying the batch.
+    head = batch if r == 0 else jax.tree.map(lambda x: x[: k * m], batch)
+    axis, shape = (1, (m, k)) if split == "strided" else (0, (k, m))
+    split_batch = jax.tree.map(lambda x: jnp.reshape(x, (*shape, *x.shape[1:])), head)
+    index = lambda i: jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False), split_batch
     )
-    value_dt = jnp.float32 if accum_dtype is None else _wider(accum_dtype, jnp.float32)
+
+    # Which NoGrad leaves the loss reaches: read once, from the first micro-batch's
+    # program (every micro-batch runs the same one).
+    live = live_leaves(fn, params, grads, (index(0), *args), False, caller)
+    sums = jax.tree.map(
+        lambda g, p, lv: g if is_hole(g) and not lv else jnp.zeros(p.shape, acc_dt(p)),
+        grads,
+        params,
+        live,
+        is_leaf=is_hole,
+    )
+    # The loss keeps its precision: float64 sums for a float64 loss (float32 at least).
+    out = jax.tree.leaves(jax.eval_shape(lambda: fn(params, index(0), *args)))
+    loss_dt = out[0].dtype if len(out) == 1 else jnp.float32
+    value_dt = _wider(loss_dt, jnp.float32 if accum_dtype is None else accum_dtype)
 
     def weighted(mb, size):
         """(weight, weight * loss, gradient) of one micro-batch."""
@@ -164,18 +189,9 @@ def accumulate(
             raise TypeError(f"{caller}: count(microbatch) must return a scalar, got {w.shape}.")
         return w, jnp.reshape(value, ()).astype(value_dt) * w, g
 
-    # Equal micro-batches: reshape (k*m, ...) -> (m, k, ...) (strided) or (k, m, ...)
-    # (contiguous) is free, and a dynamic index along the k axis reads one micro-batch
-    # without copying the batch.
-    head = batch if r == 0 else jax.tree.map(lambda x: x[: k * m], batch)
-    axis, shape = (1, (m, k)) if split == "strided" else (0, (k, m))
-    split_batch = jax.tree.map(lambda x: jnp.reshape(x, (*shape, *x.shape[1:])), head)
-
     def body(carry, i):
         total_w, total_v, acc = carry
-        mb = jax.tree.map(
-            lambda x: jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False), split_batch
-        )
+        mb = index(i)
         w, v, g = weighted(mb, m)
         return (total_w + w, total_v + v, add_into(acc, g, w)), None
 
@@ -187,8 +203,6 @@ def accumulate(
         w, v, g = weighted(jax.tree.map(lambda x: x[k * m :], batch), r)
         total_w, total_v, sums = total_w + w, total_v + v, add_into(sums, g, w)
     mean = jax.tree.map(
-        lambda s: None if s is None else s / total_w.astype(s.dtype),
-        sums,
-        is_leaf=is_none,
+        lambda s: s if is_hole(s) else s / total_w.astype(s.dtype), sums, is_leaf=is_hole
     )
-    return total_v / total_w, add_into(grads, mean)
+    return total_v / total_w, add_into(grads, mean, live=live, like=params)

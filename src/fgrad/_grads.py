@@ -363,7 +363,7 @@ def add_into(grads: Any, g: Any, scale: Any = None, *, live: Any = None, like: A
     a `NoGrad` leaf becomes ``scale * g`` (in ``like``'s dtype, the parameters' or the
     running sums') where ``live`` says the loss reached it, else stays `NoGrad`."""
     if live is None:
-        live = jax.tree.map(lambda a: a is not None, grads, is_leaf=is_hole)
+        live = jax.tree.map(lambda a: not is_hole(a), grads, is_leaf=is_hole)
     if like is None:
         like = jax.tree.map(lambda a: None if is_hole(a) else a, grads, is_leaf=is_hole)
 
