@@ -145,7 +145,9 @@ def _is_complex(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.complexfloating)
 
 
-def zero_grad(params: Any, trainable: Trainable = None, *, set_to_none: bool = True) -> Any:
+def zero_grad(
+    params: Any, trainable: Trainable = None, *, set_to_none: bool = True, grads: Any = None
+) -> Any:
     """A fresh gradient accumulator: ``optimizer.zero_grad(set_to_none=...)``.
 
     Each leaf is in one of three states (see `fgrad.NoGrad`): ``None`` where frozen
@@ -170,6 +172,9 @@ def zero_grad(params: Any, trainable: Trainable = None, *, set_to_none: bool = T
         ``"['linear1.weight']"``. NumPy bools are accepted.
       set_to_none: ``True`` (default): trainable leaves start as `fgrad.NoGrad`;
         ``False``: as zeros of the leaf's shape and dtype.
+      grads: optionally, the accumulator being cleared, for PyTorch's exact
+        ``zero_grad(set_to_none=False)``, which zeroes the ``.grad`` tensors that exist:
+        its `NoGrad` leaves stay `NoGrad` and its ``None`` leaves stay frozen.
 
     Returns:
       A pytree with the structure of ``params``.
@@ -190,10 +195,21 @@ def zero_grad(params: Any, trainable: Trainable = None, *, set_to_none: bool = T
             f"({type(set_to_none).__name__})."
         )
     mask = trainable_mask(params, trainable, caller)
+    if grads is not None:
+        check_grads(params, grads, caller)
+        mask = jax.tree.map(lambda g, m: m and g is not None, grads, mask, is_leaf=is_hole)
+        old = jax.tree.map(lambda g: not is_hole(g), grads, is_leaf=is_hole)
+    else:
+        old = jax.tree.map(lambda _: True, mask)
     trainable_params = jax.tree.map(lambda m, p: p if m else None, mask, params)
     require_inexact_tree(trainable_params, caller, "trainable parameters")
-    fill = (lambda p: NoGrad()) if set_to_none else jnp.zeros_like
-    return jax.tree.map(lambda m, p: fill(p) if m else None, mask, params)
+
+    def fresh(m, had, p):
+        if not m:
+            return None
+        return jnp.zeros_like(p) if had and not set_to_none else NoGrad()
+
+    return jax.tree.map(fresh, mask, old, params)
 
 
 def _describe(tree: Any) -> str:
@@ -374,12 +390,8 @@ def add_into(grads: Any, g: Any, scale: Any = None, *, live: Any = None, like: A
             if not lv:
                 return acc
             d = d.astype(ref.dtype)
-            return d if scale is None else d * jnp.asarray(scale, _real(ref.dtype))
+            return d if scale is None else d * jnp.asarray(scale, ref.dtype)
         d = d.astype(acc.dtype)
-        return acc + (d if scale is None else d * jnp.asarray(scale, _real(acc.dtype)))
+        return acc + (d if scale is None else d * jnp.asarray(scale, acc.dtype))
 
     return jax.tree.map(add, grads, g, live, like, is_leaf=is_hole)
-
-
-def _real(dtype: Any) -> Any:
-    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
