@@ -5,6 +5,7 @@ against PyTorch on the same weights (or a closed form)."""
 import functools
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -329,3 +330,106 @@ def test_complex_adam_differs_between_the_frameworks_as_documented():
     np.testing.assert_allclose(
         np.asarray(state.inner[0].nu["z"]), 0.001 * np.abs(g) ** 2, rtol=1e-5
     )
+
+
+def test_backward_gradient_on_a_complex_output_matches_torch():
+    z = torch.tensor(Z0, requires_grad=True)
+    v = np.array([1.0 - 0.5j, 0.25 + 2.0j, -1.0j], np.complex64)
+    (torch.tensor(A) @ (z * z)).backward(torch.tensor(v))
+    _, g = fgrad.backward(lambda q: jnp.asarray(A) @ (q * q), jnp.asarray(Z0), gradient=v)
+    assert_tree_allclose(g, z.grad.numpy())
+
+
+# --- precision: every function keeps the dtype it is given -----------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_backward_accumulate_step_keep_float32_and_float64(dtype):
+    with jax.enable_x64(dtype == "float64"):
+        dt = jnp.dtype(dtype)
+        r = np.random.default_rng(0)
+        w = r.normal(size=(3,))
+        xs = r.normal(size=(8, 3))
+        p = {"w": jnp.asarray(w, dt), "head": jnp.ones(2, dt)}
+        loss = lambda q, b: jnp.mean(jnp.sin(b["x"] @ q["w"]) ** 2)
+        batch = {"x": jnp.asarray(xs, dt)}
+        value, g = fgrad.backward(loss, p, batch)
+        v_acc, g_acc = jax.jit(lambda q, b: fgrad.accumulate(loss, q, b, microbatches=4))(p, batch)
+        opt = optax.adam(0.1)
+        new, state = fgrad.step(opt, p, opt.init(p), g_acc)
+        assert value.dtype == v_acc.dtype == g["w"].dtype == g_acc["w"].dtype == dt
+        assert new["w"].dtype == state.inner[0].mu["w"].dtype == dt
+        # against PyTorch in the same precision
+        tw = torch.tensor(w, dtype=getattr(torch, dtype), requires_grad=True)
+        tl = torch.mean(torch.sin(torch.tensor(xs, dtype=tw.dtype) @ tw) ** 2)
+        tl.backward()
+        tol = 1e-12 if dtype == "float64" else 1e-6
+        np.testing.assert_allclose(float(v_acc), tl.item(), rtol=tol)
+        np.testing.assert_allclose(np.asarray(g_acc["w"]), tw.grad.numpy(), rtol=tol, atol=tol)
+        assert g_acc["head"] == fgrad.NoGrad()
+
+
+def test_bfloat16_params_stay_bfloat16():
+    p = {"w": jnp.ones(3, jnp.bfloat16)}
+    loss = lambda q, b: jnp.mean((b @ q["w"]).astype(jnp.float32) ** 2)
+    b = jnp.ones((4, 3), jnp.bfloat16)
+    _, g = fgrad.backward(loss, p, b)
+    _, ga = fgrad.accumulate(loss, p, b, microbatches=2)
+    new, _ = fgrad.step(optax.sgd(0.5), p, optax.sgd(0.5).init(p), ga)
+    assert g["w"].dtype == ga["w"].dtype == new["w"].dtype == jnp.bfloat16
+    assert_tree_allclose(new["w"].astype(jnp.float32), jnp.full(3, -2.0))  # 1 - 0.5 * 6
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_errors_say_what_was_given():
+    p = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    with pytest.raises(TypeError, match=r"zero_grad: set_to_none must be True or False, got 1"):
+        fgrad.zero_grad(p, set_to_none=1)
+    vec = lambda q: {"u": q["a"], "v": q["b"] * 2}
+    with pytest.raises(
+        ValueError,
+        match=r"backward: gradient\['v'\] has shape \(3,\), but the output\['v'\] has shape \(2,\)",
+    ):
+        fgrad.backward(vec, p, gradient={"u": jnp.ones(2), "v": jnp.ones(3)})
+    with pytest.raises(
+        ValueError, match=r"gradient\['v'\] is missing: the output is a dict with keys \['u', 'v'\]"
+    ):
+        fgrad.backward(vec, p, gradient={"u": jnp.ones(2)})
+    with pytest.raises(TypeError, match=r"backward: the loss is complex \(complex64\)"):
+        fgrad.backward(lambda q: jnp.sum(q["a"].astype(jnp.complex64)), p)
+    with pytest.raises(TypeError, match=r"got the function optax.adam itself. Call it first"):
+        fgrad.step(optax.adam, p, None, p)
+    with pytest.raises(
+        ValueError, match=r"opt_state does not belong .* opt_state\[0\].count is missing"
+    ):
+        fgrad.step(optax.adam(0.1), p, optax.sgd(0.1, momentum=0.9).init(p), p)
+    other = optax.adam(0.1).init({"a": jnp.ones(2), "b": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"mu\['b'\] has shape \(3,\), expected \(2,\)"):
+        fgrad.step(optax.adam(0.1), p, other, p)
+    with pytest.raises(
+        ValueError,
+        match=r"params is an array of shape \(3,\) and dtype float32; got a dict with keys",
+    ):
+        fgrad.backward(jnp.sum, jnp.ones(3), grads={"w": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"params\['b'\] is None, so grads\['b'\] must be None"):
+        fgrad.backward(
+            lambda q: jnp.sum(q["w"]),
+            {"w": jnp.ones(2), "b": None},
+            grads={"w": None, "b": jnp.ones(1)},
+        )
+
+
+def test_none_param_leaves_and_numpy_bool_masks_are_accepted():
+    pn = {"w": jnp.ones(2), "b": None}  # a layer without bias
+    _, g = fgrad.backward(lambda q: jnp.sum(q["w"] ** 2), pn, grads=fgrad.zero_grad(pn))
+    assert g["b"] is None
+    assert_tree_allclose(g["w"], 2 * pn["w"])
+    new, _ = fgrad.step(optax.sgd(0.5), pn, optax.sgd(0.5).init(pn), g)
+    assert new["b"] is None
+    assert_tree_allclose(new["w"], jnp.zeros(2))
+    mask = {"w": np.bool_(True), "b": np.bool_(False)}
+    assert fgrad.zero_grad({"w": jnp.ones(2), "b": jnp.ones(1)}, trainable=mask)["b"] is None
+    keep = lambda path, _: np.bool_("w" in path)
+    assert fgrad.zero_grad({"w": jnp.ones(2), "b": jnp.ones(1)}, trainable=keep)["b"] is None

@@ -255,7 +255,8 @@ def check_grads(params: Any, grads: Any, caller: str) -> None:
         if not (hasattr(g, "shape") and hasattr(g, "dtype")):
             raise ValueError(
                 f"{caller}: grads{path} must be an array, None (frozen) or fgrad.NoGrad() "
-                f"(no gradient yet), got {_describe(g)}."
+                f"(no gradient yet), as params{path} is {_describe(p)}; got {_describe(g)}. "
+                "Make the accumulator with fgrad.zero_grad(params)."
             )
         if jnp.shape(p) != jnp.shape(g):
             raise ValueError(
@@ -296,6 +297,14 @@ def _loss_fn(fn, frozen, args, has_aux, gradient, caller):
         value, aux = _checks.split_aux(out, caller) if has_aux else (out, None)
         if gradient is not None:
             return value, (value, aux)
+        leaves = jax.tree.leaves(value)
+        if len(leaves) == 1 and _is_complex(leaves[0]):
+            raise TypeError(
+                f"{caller}: the loss is complex ({leaves[0].dtype}); a gradient needs a real "
+                "loss (PyTorch: 'grad can be implicitly created only for real scalar "
+                "outputs'). Return a real loss, e.g. jnp.abs(z) ** 2, or pass gradient= "
+                "for a complex output."
+            )
         y = _checks.scalar_output(value, caller, "The loss must be a scalar.")
         return jnp.reshape(y, ()), (value, aux)
 
@@ -317,6 +326,11 @@ def check_gradient(out: Any, gradient: Any, caller: str) -> None:
         ) from None
     for (path, o), v in zip(o_leaves, v_leaves, strict=True):
         where = jax.tree_util.keystr(path)
+        if not (hasattr(v, "shape") or isinstance(v, (int, float, complex))):
+            raise ValueError(
+                f"{caller}: gradient{where} must be an array shaped like the output{where} "
+                f"({_describe(o)}), got {_describe(v)}."
+            )
         if not hasattr(v, "shape") or jnp.shape(v) != jnp.shape(o):
             raise ValueError(
                 f"{caller}: gradient{where} has shape {jnp.shape(v)}, but the output{where} "
