@@ -16,13 +16,14 @@ any optax optimizer, wrappers included:
   hyperparameters, `MultiSteps`' counters) are kept once *per parameter* in
   `StepState.per_param`, and parameter ``i`` is updated by a run of the optimizer that
   sees its own copy: a head first used at step 3 gets the bias correction of its first
-  step, as in ``torch.optim.Adam``. (One optimizer run per parameter with a gradient;
-  XLA drops each run's work on the other parameters.)
+  step, as in ``torch.optim.Adam``. Parameters with the same history share one copy and
+  one optimizer run, so a model whose every parameter always has a gradient costs one
+  run, as with optax alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,21 +33,44 @@ from fgrad import _checks
 from fgrad._grads import Trainable, check_grads, is_hole, trainable_mask
 
 
-class StepState(NamedTuple):
+@jax.tree_util.register_pytree_node_class
+class StepState:
     """`fgrad.step`'s optimizer state: optax's state with per-parameter counts.
 
     Attributes:
       inner: the optax state (``optimizer.init(params)``'s structure). Its
         parameter-shaped parts (momenta, Adam's ``mu`` and ``nu``, accumulated gradients)
         are exact per parameter; its other leaves keep their initial values, since those
-        live per parameter in ``per_param``.
+        live per parameter (see ``per_param``).
       per_param: a pytree shaped like the parameters: for each parameter, a tuple of the
         leaves optax keeps once for the whole tree (e.g. Adam's ``count``), as that
         parameter's own optimizer sees them: ``torch.optim``'s ``state[p]["step"]``.
+
+    Parameters whose histories agree (every one, until some step leaves one out) share
+    one copy (``rests[k]`` for the parameters of ``groups`` equal to ``k``), so `step`
+    runs the optimizer once per group of parameters, not once per parameter. The groups
+    are static (part of the pytree structure): a step that splits a group changes the
+    structure, and ``jit`` retraces once.
     """
 
-    inner: Any
-    per_param: Any
+    __slots__ = ("groups", "inner", "rests", "treedef")
+
+    def __init__(self, inner: Any, rests: tuple, groups: tuple, treedef: Any):
+        self.inner, self.rests, self.groups, self.treedef = inner, rests, groups, treedef
+
+    def tree_flatten(self):
+        return (self.inner, self.rests), (self.groups, self.treedef)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], children[1], *aux)
+
+    @property
+    def per_param(self) -> Any:
+        return self.treedef.unflatten([self.rests[k] for k in self.groups])
+
+    def __repr__(self) -> str:
+        return f"StepState(inner={self.inner!r}, per_param={self.per_param!r})"
 
 
 def _param_shaped(p_tree: Any, p_leaves: list) -> Any:
@@ -106,14 +130,11 @@ def _check_state(optimizer: Any, params: Any, opt_state: Any, caller: str) -> An
             f"the state optimizer.init(params) would make, opt_state{where}. It comes from "
             f"another optimizer or another params tree. {hint}"
         )
-    if isinstance(opt_state, StepState):
-        try:
-            jax.tree.structure(params).flatten_up_to(opt_state.per_param)
-        except (ValueError, TypeError):
-            raise ValueError(
-                f"{caller}: opt_state.per_param is not shaped like params: the state comes "
-                f"from another params tree. {hint}"
-            ) from None
+    if isinstance(opt_state, StepState) and opt_state.treedef != jax.tree.structure(params):
+        raise ValueError(
+            f"{caller}: opt_state.per_param is not shaped like params: the state comes from "
+            f"another params tree. {hint}"
+        )
     return inner
 
 
@@ -204,9 +225,9 @@ def step(
     slot_at = [k for k, e in enumerate(elems) if shaped(e)]
     rest_at = [k for k, e in enumerate(elems) if not shaped(e)]
     if isinstance(opt_state, StepState):
-        rests = p_tree.flatten_up_to(opt_state.per_param)
+        rests, groups = opt_state.rests, opt_state.groups
     else:  # optax's state: every parameter starts from its shared parts
-        rests = [tuple(elems[k] for k in rest_at)] * len(p_leaves)
+        rests, groups = (tuple(elems[k] for k in rest_at),), (0,) * len(p_leaves)
     slots = {k: p_tree.flatten_up_to(elems[k]) for k in slot_at}
 
     present = [g is not None for g in g_leaves]
@@ -218,13 +239,26 @@ def step(
     )
     p_in = masked(p_leaves)
     new_slots = {k: list(v) for k, v in slots.items()}
-    new_rests, new_p = list(rests), list(p_leaves)
-    for i in (i for i, h in enumerate(present) if h):
+    new_p = list(p_leaves)
+    # One optimizer run per group of parameters sharing their step counts; a group whose
+    # members are only partly present splits in two.
+    new_rests: list = []
+    new_groups = [-1] * len(p_leaves)
+    for k, rest in enumerate(rests):
+        members = [i for i, gk in enumerate(groups) if gk == k]
+        ran = [i for i in members if present[i]]
+        kept = [i for i in members if not present[i]]
+        if kept:
+            for i in kept:
+                new_groups[i] = len(new_rests)
+            new_rests.append(rest)
+        if not ran:
+            continue
         e = list(elems)
-        for k in slot_at:
-            e[k] = masked(slots[k])
-        for j, k in enumerate(rest_at):
-            e[k] = rests[i][j]
+        for j in slot_at:
+            e[j] = masked(slots[j])
+        for r, j in enumerate(rest_at):
+            e[j] = rest[r]
         # optax's own arithmetic (e.g. Adam's bias correction, a Python float to the
         # power of an int32 count) needs standard promotion, even where the caller is strict.
         with jax.numpy_dtype_promotion("standard"):
@@ -236,13 +270,16 @@ def step(
                 f"given ({n_def} vs {sdef}); fgrad.step needs update() to keep the state's "
                 "structure, as optax's transformations do."
             )
-        for k in slot_at:
-            new_slots[k][i] = p_tree.flatten_up_to(n_elems[k])[i]
-        new_rests[i] = tuple(n_elems[k] for k in rest_at)
-        u = p_tree.flatten_up_to(updates)[i]
-        new_p[i] = p_leaves[i] + u.astype(p_leaves[i].dtype)
+        new_slot_parts = {j: p_tree.flatten_up_to(n_elems[j]) for j in slot_at}
+        u = p_tree.flatten_up_to(updates)
+        for i in ran:
+            for j in slot_at:
+                new_slots[j][i] = new_slot_parts[j][i]
+            new_p[i] = p_leaves[i] + u[i].astype(p_leaves[i].dtype)
+            new_groups[i] = len(new_rests)
+        new_rests.append(tuple(n_elems[j] for j in rest_at))
     out = list(elems)
-    for k in slot_at:
-        out[k] = p_tree.unflatten(new_slots[k])
-    state = StepState(sdef.unflatten(out), p_tree.unflatten(new_rests))
+    for j in slot_at:
+        out[j] = p_tree.unflatten(new_slots[j])
+    state = StepState(sdef.unflatten(out), tuple(new_rests), tuple(new_groups), p_tree)
     return p_tree.unflatten(new_p), state
