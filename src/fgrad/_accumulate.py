@@ -114,11 +114,16 @@ def accumulate(
       microbatch_size: or: micro-batches of this size, the last one smaller if needed.
       count: weight micro-batches by ``count(microbatch)`` (e.g. the number of
         non-padding tokens, when ``fn`` averages over tokens) instead of their size.
-      grads: the accumulator to add into (``None`` at frozen leaves, which are neither
-        differentiated nor changed), as for `fgrad.backward`; default: zeros.
+      grads: the accumulator to add into, as for `fgrad.backward`: ``None`` at frozen
+        leaves (neither differentiated nor changed), `fgrad.NoGrad` where a trainable
+        leaf has no gradient yet (filled only if the loss depends on it, read once per
+        trace from the first micro-batch's program; a leaf used in either branch of a
+        ``lax.cond`` counts as used). Default: ``fgrad.zero_grad(params)``.
       accum_dtype: dtype of the running sums (default float32, so bfloat16 or float16
-        parameters accumulate without losing precision); the result is cast to each
-        accumulator leaf's dtype. ``None``: the accumulator's own dtype.
+        parameters accumulate without losing precision; float64 and complex leaves keep
+        their own precision); the result is cast to each accumulator leaf's dtype.
+        ``None``: the accumulator's own dtype. The loss value is summed in the wider of
+        the loss's dtype and this one (float64 for a float64 loss).
       unroll: passed to ``lax.scan``. ``True`` unrolls the micro-batch loop, which gives
         up the flat memory (XLA may then schedule several micro-batches at once) for
         speed where XLA runs the loop body poorly: its CPU backend runs convolutions
