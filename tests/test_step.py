@@ -97,13 +97,17 @@ def test_frozen_state_slots_are_untouched():
     params, state = fgrad.step(opt, params, state, g)  # both move once
     before = state
     new_params, state = fgrad.step(opt, params, state, {"a": None, "b": jnp.ones(3)})
-    adam, adam_before = state.inner[1][0], before.inner[1][0]
+    # a frozen leaf (None) only: optax's own state comes back, structure unchanged
+    assert jax.tree.structure(state) == jax.tree.structure(before)
+    adam, adam_before = state[1][0], before[1][0]
     assert np.array_equal(new_params["a"], params["a"])
     assert np.array_equal(adam.mu["a"], adam_before.mu["a"])
     assert np.array_equal(adam.nu["a"], adam_before.nu["a"])
     assert not np.array_equal(adam.mu["b"], adam_before.mu["b"])
-    # per-parameter step counts: a skipped leaf's does not advance
+    # a trainable leaf without a gradient yet (NoGrad): per-parameter step counts
+    _, state = fgrad.step(opt, params, before, {"a": fgrad.NoGrad(), "b": jnp.ones(3)})
     assert int(state.per_param["a"][0]) == 1 and int(state.per_param["b"][0]) == 2
+    assert np.array_equal(state.inner[1][0].mu["a"], adam_before.mu["a"])
 
 
 def test_errors():

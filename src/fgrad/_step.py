@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from fgrad import _checks
-from fgrad._grads import Trainable, check_grads, is_hole, trainable_mask
+from fgrad._grads import Trainable, check_grads, is_empty, is_hole, trainable_mask
 
 
 @jax.tree_util.register_pytree_node_class
@@ -181,7 +181,12 @@ def step(
         gradient given for a leaf marked frozen is then an error.
 
     Returns:
-      ``(params, opt_state)`` after the update; ``opt_state`` is a `StepState`.
+      ``(params, opt_state)`` after the update. ``opt_state`` is optax's own state (same
+      structure, so it can be a ``lax.scan`` carry) while every leaf left out is frozen
+      (``None``): their moving counterparts then share one step count. Once a trainable
+      leaf is left out (`fgrad.NoGrad`), or when given one, it is a `StepState` with
+      per-parameter step counts; in a ``lax.scan`` over steps, start from the state one
+      ``step`` returned for the same pattern of gradients.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -195,8 +200,10 @@ def step(
       Array([1., 1.], dtype=float32)
       >>> [round(float(v), 4) for v in new["w"]]  # 1 - 0.1 * (±1 + 0.5 * 1)
       [0.85, 1.05]
-      >>> state.per_param["frozen"][0], state.per_param["w"][0]  # Adam's step counts
-      (Array(0, dtype=int32), Array(1, dtype=int32))
+      >>> grads = {"frozen": None, "w": fgrad.NoGrad()}  # "w": no gradient this step
+      >>> _, state = fgrad.step(opt, new, state, grads)
+      >>> int(state.per_param["w"][0])  # w's own Adam step count did not advance
+      1
     """
     caller = "fgrad.step"
     _check_optimizer(optimizer, caller)
@@ -281,5 +288,14 @@ def step(
     out = list(elems)
     for j in slot_at:
         out[j] = p_tree.unflatten(new_slots[j])
+    empty = any(is_empty(g) for g in jax.tree.leaves(grads, is_leaf=is_hole))
+    if not isinstance(opt_state, StepState) and not empty:
+        # optax's own state in, and only frozen leaves (None) left out: one shared count
+        # serves every parameter that can move, so optax's state comes back, with the
+        # structure it came in (a lax.scan carry). Frozen leaves keep their slots.
+        first = next((i for i, h in enumerate(present) if h), None)
+        for r, j in enumerate(rest_at):
+            out[j] = elems[j] if first is None else new_rests[new_groups[first]][r]
+        return p_tree.unflatten(new_p), sdef.unflatten(out)
     state = StepState(sdef.unflatten(out), tuple(new_rests), tuple(new_groups), p_tree)
     return p_tree.unflatten(new_p), state
