@@ -467,3 +467,30 @@ def test_none_param_leaves_and_numpy_bool_masks_are_accepted():
     assert fgrad.zero_grad({"w": jnp.ones(2), "b": jnp.ones(1)}, trainable=mask)["b"] is None
     keep = lambda path, _: np.bool_("w" in path)
     assert fgrad.zero_grad({"w": jnp.ones(2), "b": jnp.ones(1)}, trainable=keep)["b"] is None
+
+
+def test_under_vmap_and_a_scan_over_steps():
+    """vmap of backward gives per-example accumulators (NoGrad stays NoGrad); a lax.scan
+    over training steps with a frozen leaf carries optax's own state and equals the
+    Python loop."""
+    p = {"a": jnp.ones(2), "b": jnp.ones(2), "f": jnp.ones(2)}
+    mask = {"a": True, "b": True, "f": False}
+    xs = jnp.arange(6.0).reshape(3, 2)
+    g0 = fgrad.zero_grad(p, trainable=mask)
+    _, g = jax.vmap(lambda x: fgrad.backward(lambda q, x: jnp.sum(q["a"] * x), p, x, grads=g0))(xs)
+    assert g["b"] == fgrad.NoGrad() and g["f"] is None
+    assert_tree_allclose(g["a"], xs)
+
+    opt = optax.adamw(0.1, weight_decay=0.5)
+    loss = lambda q, x: jnp.sum(q["a"] * x) + jnp.sum(q["b"] ** 2)
+
+    def one(q, s, x):
+        _, gq = fgrad.backward(loss, q, x, grads=fgrad.zero_grad(q, trainable=mask))
+        return fgrad.step(opt, q, s, gq)
+
+    (q_scan, s_scan), _ = jax.lax.scan(lambda c, x: (one(*c, x), None), (p, opt.init(p)), xs)
+    q, s = p, opt.init(p)
+    for x in xs:
+        q, s = one(q, s, x)
+    assert_tree_allclose(q_scan, q)
+    assert np.array_equal(q_scan["f"], p["f"]) and int(s_scan[0].count) == 3
