@@ -231,7 +231,7 @@ def check_grads(params: Any, grads: Any, caller: str) -> None:
         g_leaves = p_tree.flatten_up_to(grads)
     except (ValueError, TypeError):
         where = _checks.first_structure_difference(params, grads, none_ok=True)
-        if where is None or where.startswith(" ") or where.startswith("  "):
+        if where is None:
             where = " has other container types than expected"
         raise ValueError(
             f"{caller}: grads must have the structure and shapes of params (None at frozen "
