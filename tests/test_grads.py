@@ -362,7 +362,7 @@ def test_complex_adam_differs_between_the_frameworks_as_documented():
     # optax: g / |g| per entry: the direction of g, not of each part
     np.testing.assert_allclose(np.asarray(p["z"]), -0.1 * g / np.abs(g), rtol=1e-5)
     np.testing.assert_allclose(
-        np.asarray(state.inner[0].nu["z"]), 0.001 * np.abs(g) ** 2, rtol=1e-5
+        np.asarray(state[0].nu["z"]), 0.001 * np.abs(g) ** 2, rtol=1e-5
     )
 
 
