@@ -361,9 +361,7 @@ def test_complex_adam_differs_between_the_frameworks_as_documented():
     p, state = fgrad.step(opt, p, opt.init(p), {"z": jnp.asarray(g)})
     # optax: g / |g| per entry: the direction of g, not of each part
     np.testing.assert_allclose(np.asarray(p["z"]), -0.1 * g / np.abs(g), rtol=1e-5)
-    np.testing.assert_allclose(
-        np.asarray(state[0].nu["z"]), 0.001 * np.abs(g) ** 2, rtol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(state[0].nu["z"]), 0.001 * np.abs(g) ** 2, rtol=1e-5)
 
 
 def test_backward_gradient_on_a_complex_output_matches_torch():
@@ -494,3 +492,30 @@ def test_under_vmap_and_a_scan_over_steps():
         q, s = one(q, s, x)
     assert_tree_allclose(q_scan, q)
     assert np.array_equal(q_scan["f"], p["f"]) and int(s_scan[0].count) == 3
+
+
+@pytest.mark.parametrize("wrap", ["masked", "multi_transform", "clip"])
+def test_a_trained_then_frozen_leaf_keeps_its_state_under_wrappers(wrap):
+    """The issue's probe: under optax.masked a frozen leaf's Adam mu moved 0.1 -> 0.09.
+    Now its slots stay bit for bit, and the clip measures only the gradients given
+    (equal to optax run on the sub-tree that has gradients)."""
+    adam = optax.adam(0.1)
+    opt = {
+        "masked": optax.masked(adam, {"a": True, "b": True}),
+        "multi_transform": optax.multi_transform({"x": adam}, {"a": "x", "b": "x"}),
+        "clip": optax.chain(optax.clip_by_global_norm(0.5), adam),
+    }[wrap]
+    p = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    p, s = fgrad.step(opt, p, opt.init(p), {"a": jnp.ones(2), "b": jnp.full(2, 2.0)})
+    mu = lambda s: optax.tree_utils.tree_get(s, "mu")
+    before = mu(s)["a"]
+    q, s2 = fgrad.step(opt, p, s, {"a": None, "b": jnp.full(2, 3.0)})
+    assert np.array_equal(mu(s2)["a"], before) and np.array_equal(q["a"], p["a"])
+    # b alone, as optax alone would move it on the sub-tree {"b"}
+    sub = optax.chain(optax.clip_by_global_norm(0.5), adam) if wrap == "clip" else adam
+    s_sub = sub.init({"b": p["b"]})
+    full = optax.tree_utils.tree_get(s, "mu")["b"], optax.tree_utils.tree_get(s, "nu")["b"]
+    s_sub = optax.tree_utils.tree_set(s_sub, mu={"b": full[0]}, nu={"b": full[1]}, count=1)
+    with jax.numpy_dtype_promotion("standard"):
+        u, _ = sub.update({"b": jnp.full(2, 3.0)}, s_sub, {"b": p["b"]})
+    assert_tree_allclose(q["b"], p["b"] + u["b"])
