@@ -46,6 +46,9 @@ class StepState:
         leaves optax keeps once for the whole tree (e.g. Adam's ``count``), as that
         parameter's own optimizer sees them: ``torch.optim``'s ``state[p]["step"]``.
 
+    Hyperparameters injected with ``optax.inject_hyperparams`` live per parameter too:
+    to change one by hand, set it in every ``rests`` tuple (``inner``'s copy is unused).
+
     Parameters whose histories agree (every one, until some step leaves one out) share
     one copy (``rests[k]`` for the parameters of ``groups`` equal to ``k``), so `step`
     runs the optimizer once per group of parameters, not once per parameter. The groups
