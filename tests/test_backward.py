@@ -80,7 +80,7 @@ def test_frozen_leaves_stay_none_like_requires_grad_false():
 
 def test_zero_grad_shapes_dtypes_and_prefix_mask():
     p = {"a": jnp.ones((2, 3), jnp.float16), "b": {"c": jnp.ones(4), "d": jnp.ones(())}}
-    g = fgrad.zero_grad(p, trainable={"a": True, "b": False})
+    g = fgrad.zero_grad(p, trainable={"a": True, "b": False}, set_to_none=False)
     assert g["a"].dtype == jnp.float16 and g["a"].shape == (2, 3) and not g["a"].any()
     assert g["b"] == {"c": None, "d": None}
     assert fgrad.zero_grad(p, trainable=False) == {"a": None, "b": {"c": None, "d": None}}

@@ -97,12 +97,17 @@ def test_frozen_state_slots_are_untouched():
     params, state = fgrad.step(opt, params, state, g)  # both move once
     before = state
     new_params, state = fgrad.step(opt, params, state, {"a": None, "b": jnp.ones(3)})
-    mu_b, mu_a = state[1][0].mu["b"], state[1][0].mu["a"]
+    # a frozen leaf (None) only: optax's own state comes back, structure unchanged
+    assert jax.tree.structure(state) == jax.tree.structure(before)
+    adam, adam_before = state[1][0], before[1][0]
     assert np.array_equal(new_params["a"], params["a"])
-    assert np.array_equal(mu_a, before[1][0].mu["a"]) and np.array_equal(
-        state[1][0].nu["a"], before[1][0].nu["a"]
-    )
-    assert not np.array_equal(mu_b, before[1][0].mu["b"])
+    assert np.array_equal(adam.mu["a"], adam_before.mu["a"])
+    assert np.array_equal(adam.nu["a"], adam_before.nu["a"])
+    assert not np.array_equal(adam.mu["b"], adam_before.mu["b"])
+    # a trainable leaf without a gradient yet (NoGrad): per-parameter step counts
+    _, state = fgrad.step(opt, params, before, {"a": fgrad.NoGrad(), "b": jnp.ones(3)})
+    assert int(state.per_param["a"][0]) == 1 and int(state.per_param["b"][0]) == 2
+    assert np.array_equal(state.inner[1][0].mu["a"], adam_before.mu["a"])
 
 
 def test_errors():
@@ -124,8 +129,10 @@ def test_donated_accumulator_is_reused():
     x = jnp.ones((4, 64))
     loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"]))
     bw = jax.jit(functools.partial(fgrad.backward, loss), donate_argnames="grads")
-    g0 = fgrad.zero_grad(params)
-    _, g1 = bw(params, x, grads=g0)
-    assert g0["w"].is_deleted()  # the donated buffer was consumed, not copied
+    _, g1 = bw(params, x, grads=fgrad.zero_grad(params))  # NoGrad: nothing to donate
     _, g2 = bw(params, x, grads=g1)
+    assert g1["w"].is_deleted()  # the donated buffer was consumed, not copied
+    g0 = fgrad.zero_grad(params, set_to_none=False)
+    bw(params, x, grads=g0)
+    assert g0["w"].is_deleted()
     assert_tree_allclose(g2, jax.tree.map(lambda g: 2 * g, jax.grad(loss)(params, x)))

@@ -11,6 +11,8 @@ from fgrad import models as models
 from fgrad import penalties as penalties
 from fgrad._accumulate import accumulate as accumulate
 from fgrad._backward import backward as backward
+from fgrad._grads import NoGrad as NoGrad
+from fgrad._grads import torch_grads as torch_grads
 from fgrad._grads import zero_grad as zero_grad
 from fgrad._hessian import hessian as hessian
 from fgrad._hessian import hvp as hvp
@@ -27,6 +29,7 @@ from fgrad._tap import tap as tap
 __version__ = "0.1.0"
 
 __all__ = [
+    "NoGrad",
     "accumulate",
     "backward",
     "curvature",
@@ -41,6 +44,7 @@ __all__ = [
     "tap",
     "tap_linen",
     "tap_nnx",
+    "torch_grads",
     "value_and_grad_intermediates",
     "vjp_intermediates",
     "zero_grad",

@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
-from fgrad._grads import add_into, is_none, prepare_grads, value_and_grad_trainable
+from fgrad._grads import (
+    add_into,
+    is_hole,
+    live_leaves,
+    prepare_grads,
+    value_and_grad_trainable,
+)
 from fgrad._typing import PyTree
 
 Count = Callable[[Any], Any] | None
@@ -111,11 +117,16 @@ def accumulate(
       microbatch_size: or: micro-batches of this size, the last one smaller if needed.
       count: weight micro-batches by ``count(microbatch)`` (e.g. the number of
         non-padding tokens, when ``fn`` averages over tokens) instead of their size.
-      grads: the accumulator to add into (``None`` at frozen leaves, which are neither
-        differentiated nor changed), as for `fgrad.backward`; default: zeros.
+      grads: the accumulator to add into, as for `fgrad.backward`: ``None`` at frozen
+        leaves (neither differentiated nor changed), `fgrad.NoGrad` where a trainable
+        leaf has no gradient yet (filled only if the loss depends on it, read once per
+        trace from the first micro-batch's program; a leaf used in either branch of a
+        ``lax.cond`` counts as used). Default: ``fgrad.zero_grad(params)``.
       accum_dtype: dtype of the running sums (default float32, so bfloat16 or float16
-        parameters accumulate without losing precision); the result is cast to each
-        accumulator leaf's dtype. ``None``: the accumulator's own dtype.
+        parameters accumulate without losing precision; float64 and complex leaves keep
+        their own precision); the result is cast to each accumulator leaf's dtype.
+        ``None``: the accumulator's own dtype. The loss value is summed in the wider of
+        the loss's dtype and this one (float64 for a float64 loss).
       unroll: passed to ``lax.scan``. ``True`` unrolls the micro-batch loop, which gives
         up the flat memory (XLA may then schedule several micro-batches at once) for
         speed where XLA runs the loop body poorly: its CPU backend runs convolutions
@@ -152,12 +163,31 @@ def accumulate(
     n = _batch_size(batch, caller)
     k, m, r = _plan(n, microbatches, microbatch_size, caller)
     acc_dt = lambda leaf: leaf.dtype if accum_dtype is None else _wider(leaf.dtype, accum_dtype)
-    sums = jax.tree.map(
-        lambda g: None if g is None else jnp.zeros(g.shape, acc_dt(g)),
-        grads,
-        is_leaf=is_none,
+
+    # Equal micro-batches: reshape (k*m, ...) -> (m, k, ...) (strided) or (k, m, ...)
+    # (contiguous) is free, and a dynamic index along the k axis reads one micro-batch
+    # without copying the batch.
+    head = batch if r == 0 else jax.tree.map(lambda x: x[: k * m], batch)
+    axis, shape = (1, (m, k)) if split == "strided" else (0, (k, m))
+    split_batch = jax.tree.map(lambda x: jnp.reshape(x, (*shape, *x.shape[1:])), head)
+    index = lambda i: jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False), split_batch
     )
-    value_dt = jnp.float32 if accum_dtype is None else _wider(accum_dtype, jnp.float32)
+
+    # Which NoGrad leaves the loss reaches: read once, from the first micro-batch's
+    # program (every micro-batch runs the same one).
+    live = live_leaves(fn, params, grads, (index(0), *args), False, caller)
+    sums = jax.tree.map(
+        lambda g, p, lv: g if is_hole(g) and not lv else jnp.zeros(p.shape, acc_dt(p)),
+        grads,
+        params,
+        live,
+        is_leaf=is_hole,
+    )
+    # The loss keeps its precision: float64 sums for a float64 loss (float32 at least).
+    out = jax.tree.leaves(jax.eval_shape(lambda: fn(params, index(0), *args)))
+    loss_dt = out[0].dtype if len(out) == 1 else jnp.float32
+    value_dt = _wider(loss_dt, jnp.float32 if accum_dtype is None else accum_dtype)
 
     def weighted(mb, size):
         """(weight, weight * loss, gradient) of one micro-batch."""
@@ -167,18 +197,9 @@ def accumulate(
             raise TypeError(f"{caller}: count(microbatch) must return a scalar, got {w.shape}.")
         return w, jnp.reshape(value, ()).astype(value_dt) * w, g
 
-    # Equal micro-batches: reshape (k*m, ...) -> (m, k, ...) (strided) or (k, m, ...)
-    # (contiguous) is free, and a dynamic index along the k axis reads one micro-batch
-    # without copying the batch.
-    head = batch if r == 0 else jax.tree.map(lambda x: x[: k * m], batch)
-    axis, shape = (1, (m, k)) if split == "strided" else (0, (k, m))
-    split_batch = jax.tree.map(lambda x: jnp.reshape(x, (*shape, *x.shape[1:])), head)
-
     def body(carry, i):
         total_w, total_v, acc = carry
-        mb = jax.tree.map(
-            lambda x: jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False), split_batch
-        )
+        mb = index(i)
         w, v, g = weighted(mb, m)
         return (total_w + w, total_v + v, add_into(acc, g, w)), None
 
@@ -190,8 +211,6 @@ def accumulate(
         w, v, g = weighted(jax.tree.map(lambda x: x[k * m :], batch), r)
         total_w, total_v, sums = total_w + w, total_v + v, add_into(sums, g, w)
     mean = jax.tree.map(
-        lambda s: None if s is None else s / total_w.astype(s.dtype),
-        sums,
-        is_leaf=is_none,
+        lambda s: s if is_hole(s) else s / total_w.astype(s.dtype), sums, is_leaf=is_hole
     )
-    return total_v / total_w, add_into(grads, mean)
+    return total_v / total_w, add_into(grads, mean, live=live, like=params)

@@ -1,10 +1,24 @@
-"""``optimizer.step()`` for optax, with PyTorch's handling of ``None`` gradients.
+"""``optimizer.step()`` for optax, with ``torch.optim``'s per-parameter rules.
 
-``torch.optim`` skips every parameter whose ``.grad`` is ``None``: no update, no weight
-decay, no change to its momentum or Adam moments. optax updates every leaf it is given
-(weight decay moves even a leaf whose gradient is zero). `step` gives optax PyTorch's
-rule: leaves whose gradient is ``None`` come back bit-for-bit unchanged, and so do their
-slots in the optimizer state.
+``torch.optim`` keeps its state per parameter and skips every parameter whose ``.grad`` is
+``None``: no update, no weight decay, no change to its momentum or Adam moments, and its
+own step count (Adam's bias correction) does not advance. optax updates every leaf it is
+given and keeps one step count for the whole tree. `step` gives optax torch's rules for
+any optax optimizer, wrappers included:
+
+- The optimizer sees only the leaves that have a gradient: the others are replaced by
+  ``optax.MaskedNode`` in the gradients, the parameters and every parameter-shaped part
+  of the state (momenta, moments, accumulated gradients), so ``clip_by_global_norm``
+  measures the gradients that exist (``torch.nn.utils.clip_grad_norm_`` skips ``None``
+  grads) and ``masked``/``multi_transform`` route what is left. Leaves without a
+  gradient come back bit for bit, state included.
+- The parts of optax's state kept once for all leaves (step counts, injected
+  hyperparameters, `MultiSteps`' counters) are kept once *per parameter* in
+  `StepState.per_param`, and parameter ``i`` is updated by a run of the optimizer that
+  sees its own copy: a head first used at step 3 gets the bias correction of its first
+  step, as in ``torch.optim.Adam``. Parameters with the same history share one copy and
+  one optimizer run, so a model whose every parameter always has a gradient costs one
+  run, as with optax alone.
 """
 
 from __future__ import annotations
@@ -15,21 +29,117 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fgrad._grads import Trainable, check_grads, is_none, trainable_mask
+from fgrad import _checks
+from fgrad._grads import Trainable, check_grads, is_empty, is_hole, trainable_mask
 from fgrad._typing import PyTree
 
 
-def _keep_frozen(new: Any, old: Any, frozen: Any, params_tree: Any) -> Any:
-    """In ``new`` (an optimizer state), put back ``old``'s leaves at frozen parameters, in
-    every subtree shaped like the parameters (momenta, moments, traces)."""
-    shaped_like_params = lambda x: jax.tree.structure(x) == params_tree
+@jax.tree_util.register_pytree_node_class
+class StepState:
+    """`fgrad.step`'s optimizer state: optax's state with per-parameter counts.
 
-    def restore(n, o):
-        if not shaped_like_params(n):
-            return n
-        return jax.tree.map(lambda a, b, f: b if f else a, n, o, frozen)
+    Attributes:
+      inner: the optax state (``optimizer.init(params)``'s structure). Its
+        parameter-shaped parts (momenta, Adam's ``mu`` and ``nu``, accumulated gradients)
+        are exact per parameter; its other leaves keep their initial values, since those
+        live per parameter (see ``per_param``).
+      per_param: a pytree shaped like the parameters: for each parameter, a tuple of the
+        leaves optax keeps once for the whole tree (e.g. Adam's ``count``), as that
+        parameter's own optimizer sees them: ``torch.optim``'s ``state[p]["step"]``.
 
-    return jax.tree.map(restore, new, old, is_leaf=shaped_like_params)
+    Hyperparameters injected with ``optax.inject_hyperparams`` live per parameter too:
+    to change one by hand, set it in every ``rests`` tuple (``inner``'s copy is unused).
+
+    Parameters whose histories agree (every one, until some step leaves one out) share
+    one copy (``rests[k]`` for the parameters of ``groups`` equal to ``k``), so `step`
+    runs the optimizer once per group of parameters, not once per parameter. The groups
+    are static (part of the pytree structure): a step that splits a group changes the
+    structure, and ``jit`` retraces once.
+    """
+
+    __slots__ = ("groups", "inner", "rests", "treedef")
+
+    def __init__(self, inner: Any, rests: tuple, groups: tuple, treedef: Any):
+        self.inner, self.rests, self.groups, self.treedef = inner, rests, groups, treedef
+
+    def tree_flatten(self):
+        return (self.inner, self.rests), (self.groups, self.treedef)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], children[1], *aux)
+
+    @property
+    def per_param(self) -> Any:
+        return self.treedef.unflatten([self.rests[k] for k in self.groups])
+
+    def __repr__(self) -> str:
+        return f"StepState(inner={self.inner!r}, per_param={self.per_param!r})"
+
+
+def _param_shaped(p_tree: Any, p_leaves: list) -> Any:
+    """A predicate: is a subtree of the state shaped like the parameters (a momentum, a
+    moment, an accumulated gradient), ``optax.MaskedNode``/``None`` standing for any
+    parameter?"""
+    single = p_tree.num_nodes == 1
+
+    def check(x: Any) -> bool:
+        try:
+            parts = p_tree.flatten_up_to(x)
+        except (ValueError, TypeError):
+            return False
+        for part, p in zip(parts, p_leaves, strict=True):
+            if part is None or isinstance(part, optax.MaskedNode):
+                continue
+            if not hasattr(part, "shape") or jnp.shape(part) != jnp.shape(p):
+                return False
+            if single and not jnp.issubdtype(part.dtype, jnp.inexact):
+                return False  # a single scalar parameter is not the step count
+        return True
+
+    return check
+
+
+def _check_optimizer(optimizer: Any, caller: str) -> None:
+    if hasattr(optimizer, "init") and hasattr(optimizer, "update"):
+        return
+    if callable(optimizer):
+        name = getattr(optimizer, "__qualname__", type(optimizer).__name__)
+        module = getattr(optimizer, "__module__", "") or ""
+        shown = f"optax.{name}" if module.startswith("optax") else name
+        raise TypeError(
+            f"{caller}: optimizer must be an optax.GradientTransformation (with .init and "
+            f".update), got the function {shown} itself. Call it first, e.g. "
+            f"{shown}(learning_rate=1e-3)."
+        )
+    raise TypeError(
+        f"{caller}: optimizer must be an optax.GradientTransformation (with .init and "
+        f".update), got {type(optimizer).__name__}."
+    )
+
+
+def _check_state(optimizer: Any, params: Any, opt_state: Any, caller: str) -> Any:
+    """The optax state inside ``opt_state``, checked against ``optimizer.init(params)``."""
+    with jax.numpy_dtype_promotion("standard"):
+        expected = jax.eval_shape(optimizer.init, params)
+    inner = opt_state.inner if isinstance(opt_state, StepState) else opt_state
+    hint = (
+        "Pass optimizer.init(params), or the state a previous fgrad.step returned, for this "
+        "optimizer and these params."
+    )
+    where = _checks.first_structure_difference(expected, inner)
+    if where is not None:
+        raise ValueError(
+            f"{caller}: opt_state does not belong to this optimizer and these params: in "
+            f"the state optimizer.init(params) would make, opt_state{where}. It comes from "
+            f"another optimizer or another params tree. {hint}"
+        )
+    if isinstance(opt_state, StepState) and opt_state.treedef != jax.tree.structure(params):
+        raise ValueError(
+            f"{caller}: opt_state.per_param is not shaped like params: the state comes from "
+            f"another params tree. {hint}"
+        )
+    return inner
 
 
 def step(
@@ -39,25 +149,48 @@ def step(
     grads: PyTree,
     *,
     trainable: Trainable = None,
-) -> tuple[Any, Any]:
-    """``optimizer.step()``: applies an optax optimizer, leaving ``None``-grad leaves untouched.
+) -> tuple[Any, StepState]:
+    """``optimizer.step()``: an optax update with ``torch.optim``'s per-parameter rules.
 
-    As in ``torch.optim``, a parameter whose gradient is ``None`` (a frozen leaf, as made
-    by `fgrad.zero_grad`) gets no update at all: not the step, not weight decay, and its
-    optimizer state (momentum, Adam moments) keeps its value. Every other leaf gets
-    exactly optax's update.
+    As in ``torch.optim``, a parameter without a gradient (``None``, frozen, or
+    `fgrad.NoGrad`, not reached by any loss since `fgrad.zero_grad`) gets no update at
+    all: not the step, not weight decay, and its optimizer state (momentum, Adam moments,
+    its own step count) keeps its value bit for bit. Every other parameter gets the
+    update optax computes on the parameters that have a gradient, with its own step
+    count: for parameter ``θ`` first used at step ``t₀``, Adam's bias correction uses
+    ``t - t₀ + 1``, as ``torch.optim.Adam``'s ``state[θ]["step"]``. Gradient clipping
+    inside the optimizer (``optax.clip_by_global_norm``) sees only the gradients that
+    exist, as ``torch.nn.utils.clip_grad_norm_`` does. Wrappers (``optax.masked``,
+    ``multi_transform``, ``chain``, ``inject_hyperparams``, ``MultiSteps``) are handled
+    through the state's structure; what optax keeps once per tree (step counts, injected
+    hyperparameters, ``MultiSteps``' micro-step counter) is kept per parameter, so under
+    ``MultiSteps`` each parameter counts the micro-steps in which it had a gradient.
+
+    Complex parameters: with PyTorch's ``.grad`` (`fgrad.backward`'s), optax's SGD (with
+    momentum) equals ``torch.optim.SGD``. Adam differs between the two: optax's second
+    moment of a complex gradient is ``|g|²`` (one number per complex entry), while
+    ``torch.optim.Adam`` treats a complex tensor as its real and imaginary parts
+    (``torch.view_as_real``), each with its own second moment.
 
     Args:
-      optimizer: any ``optax.GradientTransformation``.
+      optimizer: an ``optax.GradientTransformation`` (``optax.adam(1e-3)``, not
+        ``optax.adam``), or ``optax.MultiSteps``.
       params: the parameters.
-      opt_state: ``optimizer.init(params)``, or the state returned by a previous ``step``.
-      grads: gradients shaped like ``params``, ``None`` at frozen leaves (e.g. from
-        `fgrad.backward` or `fgrad.accumulate`).
+      opt_state: ``optimizer.init(params)``, or the `StepState` a previous ``step``
+        returned. (Start a ``lax.scan`` over steps from the state of one ``step``, since
+        the first call turns optax's state into a `StepState`.)
+      grads: the accumulator (`fgrad.zero_grad`, `fgrad.backward`, `fgrad.accumulate`):
+        arrays, ``None`` at frozen leaves, `fgrad.NoGrad` where no loss reached a leaf.
       trainable: optionally, which leaves are trainable (as in `fgrad.zero_grad`); a
         gradient given for a leaf marked frozen is then an error.
 
     Returns:
-      ``(params, opt_state)`` after the update.
+      ``(params, opt_state)`` after the update. ``opt_state`` is optax's own state (same
+      structure, so it can be a ``lax.scan`` carry) while every leaf left out is frozen
+      (``None``): their moving counterparts then share one step count. Once a trainable
+      leaf is left out (`fgrad.NoGrad`), or when given one, it is a `StepState` with
+      per-parameter step counts; in a ``lax.scan`` over steps, start from the state one
+      ``step`` returned for the same pattern of gradients.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -66,40 +199,109 @@ def step(
       >>> params = {"frozen": jnp.ones(2), "w": jnp.ones(2)}
       >>> opt = optax.adamw(0.1, weight_decay=0.5)
       >>> grads = {"frozen": None, "w": jnp.array([1.0, -1.0])}
-      >>> new, _ = fgrad.step(opt, params, opt.init(params), grads)
+      >>> new, state = fgrad.step(opt, params, opt.init(params), grads)
       >>> new["frozen"]  # untouched: no step, no weight decay
       Array([1., 1.], dtype=float32)
       >>> [round(float(v), 4) for v in new["w"]]  # 1 - 0.1 * (±1 + 0.5 * 1)
       [0.85, 1.05]
+      >>> grads = {"frozen": None, "w": fgrad.NoGrad()}  # "w": no gradient this step
+      >>> _, state = fgrad.step(opt, new, state, grads)
+      >>> int(state.per_param["w"][0])  # w's own Adam step count did not advance
+      1
     """
     caller = "fgrad.step"
+    _check_optimizer(optimizer, caller)
     check_grads(params, grads, caller)
     if trainable is not None:
         mask = trainable_mask(params, trainable, caller)
         for (path, g), m in zip(
-            jax.tree_util.tree_leaves_with_path(grads, is_leaf=is_none),
+            jax.tree_util.tree_leaves_with_path(grads, is_leaf=is_hole),
             jax.tree.leaves(mask),
             strict=True,
         ):
-            if g is not None and not m:
+            if not is_hole(g) and not m:
                 raise ValueError(
                     f"{caller}: grads{jax.tree_util.keystr(path)} holds a gradient but the "
                     "leaf is frozen (trainable is False there). Build the accumulator with "
                     "fgrad.zero_grad(params, trainable=...) so frozen leaves stay None."
                 )
-    frozen = jax.tree.map(lambda g: g is None, grads, is_leaf=is_none)
-    full = jax.tree.map(
-        lambda g, p: jnp.zeros_like(p) if g is None else g.astype(p.dtype),
-        grads,
-        params,
-        is_leaf=is_none,
+    inner = _check_state(optimizer, params, opt_state, caller)
+
+    p_tree: Any  # PyTreeDef (its methods are untyped for mypy)
+    sdef: Any
+    p_leaves, p_tree = jax.tree.flatten(params)
+    g_leaves = p_tree.flatten_up_to(
+        jax.tree.map(lambda g: None if is_hole(g) else g, grads, is_leaf=is_hole)
     )
-    # optax's own arithmetic (e.g. Adam's bias correction, a Python float to the power of
-    # an int32 count) needs standard promotion; run it so even where the caller is strict.
-    with jax.numpy_dtype_promotion("standard"):
-        updates, new_state = optimizer.update(full, opt_state, params)
-    new_params = jax.tree.map(
-        lambda f, p, u: p if f else (p + u.astype(p.dtype)), frozen, params, updates
+    shaped = _param_shaped(p_tree, p_leaves)
+    elems, sdef = jax.tree.flatten(inner, is_leaf=shaped)
+    slot_at = [k for k, e in enumerate(elems) if shaped(e)]
+    rest_at = [k for k, e in enumerate(elems) if not shaped(e)]
+    if isinstance(opt_state, StepState):
+        rests, groups = opt_state.rests, opt_state.groups
+    else:  # optax's state: every parameter starts from its shared parts
+        rests, groups = (tuple(elems[k] for k in rest_at),), (0,) * len(p_leaves)
+    slots = {k: p_tree.flatten_up_to(elems[k]) for k in slot_at}
+
+    present = [g is not None for g in g_leaves]
+    masked = lambda vals: p_tree.unflatten(
+        [v if h else optax.MaskedNode() for v, h in zip(vals, present, strict=True)]
     )
-    new_state = _keep_frozen(new_state, opt_state, frozen, jax.tree.structure(params))
-    return new_params, new_state
+    g_in = masked(
+        [None if g is None else g.astype(p.dtype) for g, p in zip(g_leaves, p_leaves, strict=True)]
+    )
+    p_in = masked(p_leaves)
+    new_slots = {k: list(v) for k, v in slots.items()}
+    new_p = list(p_leaves)
+    # One optimizer run per group of parameters sharing their step counts; a group whose
+    # members are only partly present splits in two.
+    new_rests: list = []
+    new_groups = [-1] * len(p_leaves)
+    for k, rest in enumerate(rests):
+        members = [i for i, gk in enumerate(groups) if gk == k]
+        ran = [i for i in members if present[i]]
+        kept = [i for i in members if not present[i]]
+        if kept:
+            for i in kept:
+                new_groups[i] = len(new_rests)
+            new_rests.append(rest)
+        if not ran:
+            continue
+        e = list(elems)
+        for j in slot_at:
+            e[j] = masked(slots[j])
+        for r, j in enumerate(rest_at):
+            e[j] = rest[r]
+        # optax's own arithmetic (e.g. Adam's bias correction, a Python float to the
+        # power of an int32 count) needs standard promotion, even where the caller is strict.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, new_inner = optimizer.update(g_in, sdef.unflatten(e), p_in)
+        n_elems, n_def = jax.tree.flatten(new_inner, is_leaf=shaped)
+        if n_def != sdef:
+            raise ValueError(
+                f"{caller}: the optimizer returned a state of another structure than it was "
+                f"given ({n_def} vs {sdef}); fgrad.step needs update() to keep the state's "
+                "structure, as optax's transformations do."
+            )
+        new_slot_parts = {j: p_tree.flatten_up_to(n_elems[j]) for j in slot_at}
+        u = p_tree.flatten_up_to(updates)
+        for i in ran:
+            for j in slot_at:
+                new_slots[j][i] = new_slot_parts[j][i]
+            new_p[i] = p_leaves[i] + u[i].astype(p_leaves[i].dtype)
+            new_groups[i] = len(new_rests)
+        new_rests.append(tuple(n_elems[j] for j in rest_at))
+    out = list(elems)
+    for j in slot_at:
+        out[j] = p_tree.unflatten(new_slots[j])
+    empty = any(is_empty(g) for g in jax.tree.leaves(grads, is_leaf=is_hole))
+    if not isinstance(opt_state, StepState) and not empty:
+        # optax's own state in, and only frozen leaves (None) left out: one shared count
+        # serves every parameter that can move, so optax's state comes back, with the
+        # structure it came in (a lax.scan carry). Frozen leaves keep their slots.
+        first = next((i for i, h in enumerate(present) if h), None)
+        for r, j in enumerate(rest_at):
+            out[j] = elems[j] if first is None else new_rests[new_groups[first]][r]
+        return p_tree.unflatten(new_p), sdef.unflatten(out)
+    state = StepState(sdef.unflatten(out), tuple(new_rests), tuple(new_groups), p_tree)
+    return p_tree.unflatten(new_p), state
