@@ -1,12 +1,18 @@
 """Finding taps in a traced program and re-running it with taps read and perturbed.
 
-`trace` turns ``fn(*args)`` into a jaxpr once. `find_sites` walks it (sub-programs
-included) and reports every tap: its name, the shapes its gradient has (stacked on a
-leading axis per enclosing ``scan``) and whether it can be served at all. `run`
-evaluates the jaxpr again, binding every primitive as it is, except that taps are
-recorded and have a perturbation added. Differentiating `run` with respect to the
-perturbations (all zero) gives the gradient with respect to every tap in one backward
-pass; that is how `fgrad.grad_intermediates` works.
+`trace` turns ``fn(*args, **kwargs)`` into a jaxpr once (array arguments traced, the
+others, such as a Python ``bool`` or ``str``, passed as they are, as ``jax.grad`` passes
+them). `find_hits` walks it (sub-programs included) and reports every tap: its name, the
+shapes its gradient has (stacked on a leading axis per enclosing ``scan``) and whether it
+can be served at all. `run` evaluates the jaxpr again, binding every primitive as it is,
+except that taps are recorded and the tapped *variable* gets a perturbation added where it
+is defined (or bound as an input), so that every reader of the value sees it, not only the
+tap's result: the gradient with respect to the perturbation is then the gradient with
+respect to the tapped value through all its uses, as PyTorch's ``retain_grad`` counts
+them. Differentiating `run` with respect to the perturbations (all zero) gives the
+gradient with respect to every tap in one backward pass; that is how
+`fgrad.grad_intermediates` works. `liveness` says which hits reach the output at all
+(dead code does not count as a hit) and which reach it differentiably.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src.interpreters import partial_eval as pe
 from jax.extend import core as jcore
 
 from fgrad._tap import is_tap
@@ -26,6 +35,10 @@ from fgrad._tap import is_tap
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _REMATS = frozenset({"remat2", "checkpoint", "remat"})
 _SCANS = frozenset({"scan"})
+# lax.cond / lax.switch: one of several sub-programs runs; a tap in a branch that did not
+# run gets a zero gradient and reports zeros, as a PyTorch hook in an untaken `if` never
+# fires.
+_CONDS = frozenset({"cond"})
 
 # Why a tap inside these cannot be served, said in the error.
 _BLOCKED_WHY = {
@@ -35,10 +48,6 @@ _BLOCKED_WHY = {
         "and JAX cannot reverse-differentiate it anyway. Use lax.scan, or fori_loop with "
         "Python-int bounds (which becomes a scan)"
     ),
-    "cond": (
-        "a lax.cond/lax.switch branch: a tap that may or may not run has no well-defined "
-        "value. Move the tap outside the cond (tap its result)"
-    ),
     "custom_jvp_call": (
         "a jax.custom_jvp function: its derivative comes from the custom rule, which "
         "never sees the tap. Move the tap outside the custom_jvp function"
@@ -46,6 +55,10 @@ _BLOCKED_WHY = {
     "custom_vjp_call": (
         "a jax.custom_vjp function: its gradient comes from the custom backward rule, "
         "which never sees the tap. Move the tap outside the custom_vjp function"
+    ),
+    "xla_pmap": (
+        "jax.pmap: fgrad cannot see into pmap's per-device program. Use jax.shard_map "
+        "(taps inside shard_map are served) or jit with sharded arrays, or tap outside pmap"
     ),
 }
 
@@ -65,22 +78,31 @@ class Hit:
 
     @property
     def differentiable(self) -> bool:
-        return all(jax.numpy.issubdtype(s.dtype, jax.numpy.inexact) for s in self.shapes)
+        return all(jnp.issubdtype(s.dtype, jnp.inexact) for s in self.shapes)
 
 
 @dataclasses.dataclass(frozen=True)
 class Traced:
-    """``fn(*args)`` as a closed jaxpr, with its taps."""
+    """``fn(*args, **kwargs)`` as a closed jaxpr, with its taps."""
 
     jaxpr: Any  # ClosedJaxpr
     out_tree: Any
     hits: tuple[Hit, ...]  # in program order
+    in_tree: Any = None  # PyTreeDef of (args, kwargs)
+    dynamic: tuple[bool, ...] | None = None  # per leaf of (args, kwargs): traced or not
 
     def by_name(self) -> dict[str, list[Hit]]:
         out: dict[str, list[Hit]] = {}
         for h in self.hits:
             out.setdefault(h.name, []).append(h)
         return out
+
+    def inputs(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list:
+        """The leaves of ``(args, kwargs)`` that the jaxpr takes as inputs, in order."""
+        leaves = jax.tree.leaves((tuple(args), dict(kwargs or {})))
+        if self.dynamic is None:
+            return leaves
+        return [x for x, d in zip(leaves, self.dynamic, strict=True) if d]
 
 
 def _as_open(j):
@@ -106,11 +128,54 @@ def _has_tap(jaxpr, memo: dict) -> bool:
     return memo[key][1]
 
 
-def trace(fn, args: Sequence[Any]) -> Traced:
-    """Traces ``fn(*args)`` to a jaxpr and finds its taps."""
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+def _is_array_like(x: Any) -> bool:
+    """Whether ``x`` is traced as jax.grad traces a differentiated argument's leaves:
+    arrays (jax, numpy) and numpy scalars. Python numbers, bools, strings and other objects
+    reach the function as they are, as jax.grad passes a non-differentiated argument."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__")
+
+
+def trace(
+    fn,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    dynamic_argnums: Sequence[int] | None = None,
+) -> Traced:
+    """Traces ``fn(*args, **kwargs)`` to a jaxpr and finds its taps.
+
+    Without ``dynamic_argnums`` every leaf is traced (as before). With it, the leaves of
+    those positional arguments are traced, and of the others only the arrays: Python
+    numbers, bools, strings and other objects reach ``fn`` as they are (so ``if train:``
+    works), as under ``jax.grad``.
+    """
+    args, kwargs = tuple(args), dict(kwargs or {})
+    leaves, in_tree = jax.tree.flatten((args, kwargs))
+    if dynamic_argnums is None:
+        dynamic = (True,) * len(leaves)
+    else:
+        dyn: list[bool] = []
+        for i, a in enumerate(args):
+            dyn += [i in dynamic_argnums or _is_array_like(x) for x in jax.tree.leaves(a)]
+        dyn += [_is_array_like(x) for x in jax.tree.leaves(kwargs)]
+        dynamic = tuple(dyn)
+
+    def flat_fn(*traced_leaves):
+        it = iter(traced_leaves)
+        full = [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
+        a, k = jax.tree.unflatten(in_tree, full)
+        return fn(*a, **k)
+
+    inputs = [x for x, d in zip(leaves, dynamic, strict=True) if d]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*inputs)
     out_tree = jax.tree.structure(out_shape)
-    return Traced(closed, out_tree, tuple(find_hits(closed.jaxpr)))
+    return Traced(closed, out_tree, tuple(find_hits(closed.jaxpr)), in_tree, dynamic)
+
+
+def _from_pmap(eqn) -> bool:
+    """Whether a shard_map is how this JAX version implements jax.pmap."""
+    names = getattr(eqn.params.get("mesh"), "axis_names", ())
+    return any("pmap" in str(n) for n in names)
 
 
 def find_hits(jaxpr) -> list[Hit]:
@@ -134,8 +199,10 @@ def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict):
         prim = eqn.primitive.name
         if prim in _SCANS:
             inner_stack, inner_blocked = (*stack, int(eqn.params["length"])), blocked
-        elif prim in _CALLS or prim in _REMATS:
+        elif prim in _CALLS or prim in _REMATS or prim in _CONDS:
             inner_stack, inner_blocked = stack, blocked
+        elif prim == "shard_map" and _from_pmap(eqn):
+            inner_stack, inner_blocked = stack, blocked or _BLOCKED_WHY["xla_pmap"]
         else:
             inner_stack = stack
             inner_blocked = blocked or _BLOCKED_WHY.get(
@@ -168,6 +235,72 @@ def _inside(path: Path, prefix: Path) -> bool:
     return len(path) > len(prefix) and path[: len(prefix)] == prefix
 
 
+# --- where each tapped value is defined ---------------------------------------------------
+#
+# A site is (program prefix, variable): the perturbation of tap leaf (key, j) is added when
+# that variable is bound in the (sub-)program at that prefix. A tap of a tap's result is a
+# tap of the same value (taps are the identity); a tap inside a jit or checkpoint of one of
+# its inputs is a tap of the caller's variable (jit and checkpoint are transparent). Inside
+# a scan body or a cond branch the site stays there: the tap counts the uses in that step
+# or branch. A literal has no variable: its perturbation is added to the tap's result.
+
+Entries = list[tuple[str, int]]  # (key, leaf index)
+
+
+@dataclasses.dataclass
+class _Sites:
+    at: dict[Path, dict[Any, Entries]]  # prefix -> {variable: entries}
+    at_tap: dict[Path, Entries]  # tap path -> entries added to the tap's result
+
+
+def _place(jaxpr, prefix: Path, plan: Plan, sites: _Sites) -> None:
+    alias: dict[Any, Any] = {}  # a tap's result -> the variable it is the identity of
+    here = sites.at.setdefault(prefix, {})
+    for i, eqn in enumerate(jaxpr.eqns):
+        path = (*prefix, i)
+        if is_tap(eqn):
+            for o, v in zip(eqn.outvars, eqn.invars, strict=True):
+                if not isinstance(v, jcore.Literal):
+                    alias[o] = alias.get(v, v)
+            key = plan.keys.get(path)
+            if key is None:
+                continue
+            for j, v in enumerate(eqn.invars):
+                if isinstance(v, jcore.Literal):
+                    sites.at_tap.setdefault(path, []).append((key, j))
+                else:
+                    here.setdefault(alias.get(v, v), []).append((key, j))
+            continue
+        if not plan.enters(path):
+            continue
+        prim = eqn.primitive.name
+        for b, sub in enumerate(_sub_jaxprs(eqn.params)):
+            sub_prefix = (*path, b)
+            if not plan.enters(sub_prefix):
+                continue
+            sub_open, _ = _as_open(sub)
+            _place(sub_open, sub_prefix, plan.within(sub_prefix), sites)
+            if prim in _CALLS or prim in _REMATS:  # lift sites on its inputs to the caller
+                inner = sites.at[sub_prefix]
+                for pos, v in enumerate(sub_open.invars):
+                    outer = eqn.invars[pos]
+                    if v in inner and not isinstance(outer, jcore.Literal):
+                        here.setdefault(alias.get(outer, outer), []).extend(inner.pop(v))
+
+
+def _sites(jaxpr, plan: Plan) -> _Sites:
+    sites = _Sites({}, {})
+    _place(jaxpr, (), plan, sites)
+    return sites
+
+
+def _add(x, entries: Entries, perturb: Mapping[str, Sequence[Any]]):
+    for key, j in entries:
+        if key in perturb:
+            x = x + perturb[key][j].astype(x.dtype)
+    return x
+
+
 def run(
     jaxpr,
     consts: Sequence[Any],
@@ -177,14 +310,19 @@ def run(
     *,
     record: bool = True,
 ) -> tuple[list[Any], dict[str, list[Any]] | None]:
-    """Evaluates ``jaxpr``; at each tap in ``plan`` records the (unperturbed) leaves under
-    the tap's key (unless ``record`` is false: then None is returned for them, and scans
-    and checkpoints carry no recorded values out) and adds ``perturb[key]`` if given.
+    """Evaluates ``jaxpr``; at each tap in ``plan`` records the leaves under the tap's key
+    (unless ``record`` is false: then None is returned for them, and scans and checkpoints
+    carry no recorded values out), and adds ``perturb[key]`` (if given) to the tapped
+    variable where it is defined, so that every reader of it sees the perturbation.
+    Recorded values are the values the tap sees (perturbed: the perturbations fgrad
+    passes are zeros).
 
-    Taps inside a ``scan`` take, and report, values stacked on a leading axis.
+    Taps inside a ``scan`` take, and report, values stacked on a leading axis. Taps in a
+    ``cond`` branch that did not run report zeros.
     """
     recorded: dict[str, list[Any]] | None = {} if record else None
-    outs = _run(jaxpr, consts, args, (), plan, perturb, recorded)
+    sites = _sites(jaxpr, plan)
+    outs = _run(jaxpr, consts, args, (), plan, perturb, recorded, sites)
     return outs, recorded
 
 
@@ -195,16 +333,21 @@ def _record(recorded: dict, key: str, leaves: Sequence[Any]) -> None:
         recorded[key] = list(leaves)
 
 
-def _run(jaxpr, consts, args, prefix, plan, perturb, recorded):
+def _run(jaxpr, consts, args, prefix, plan, perturb, recorded, sites: _Sites):
     env: dict[Any, Any] = {}
+    here = sites.at.get(prefix, {})
 
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
+    def write(v, x):
+        entries = here.get(v)
+        env[v] = x if entries is None else _add(x, entries, perturb)
+
     for v, x in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = x
+        write(v, x)
     for v, x in zip(jaxpr.invars, args, strict=True):
-        env[v] = x
+        write(v, x)
     for i, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
         path = (*prefix, i)
@@ -213,42 +356,51 @@ def _run(jaxpr, consts, args, prefix, plan, perturb, recorded):
         with ctx:
             if is_tap(eqn):
                 outs = _run_tap(eqn, invals, plan.keys.get(path), perturb, recorded)
+                if path in sites.at_tap:  # a tapped literal: perturb the tap's result
+                    outs = list(outs)
+                    for key, j in sites.at_tap[path]:
+                        outs[j] = _add(outs[j], [(key, j)], perturb)
             elif plan.enters(path):
-                outs = _run_higher(eqn, invals, path, plan, perturb, recorded)
+                outs = _run_higher(eqn, invals, path, plan, perturb, recorded, sites)
             else:
                 outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
                 if not eqn.primitive.multiple_results:
                     outs = [outs]
         for v, x in zip(eqn.outvars, outs, strict=True):
-            env[v] = x
+            write(v, x)
     return [read(v) for v in jaxpr.outvars]
 
 
 def _run_tap(eqn, invals, key, perturb, recorded):
-    if key is not None:
-        if recorded is not None:
-            _record(recorded, key, invals)
-        if key in perturb:
-            invals = [x + p.astype(x.dtype) for x, p in zip(invals, perturb[key], strict=True)]
+    """A tap: its value recorded under ``key`` (the perturbation, if any, was added where
+    the tapped variable is defined)."""
+    del perturb
+    if key is not None and recorded is not None:
+        _record(recorded, key, invals)
     # Re-bind, so the tap stays visible to an fgrad transformation around this one.
     return eqn.primitive.bind(*invals, **eqn.params)
 
 
-def _run_higher(eqn, invals, path, plan, perturb, recorded):
+def _run_higher(eqn, invals, path, plan, perturb, recorded, sites):
     prim = eqn.primitive.name
     params = eqn.params
+    record = recorded is not None
+    if prim in _CONDS:
+        outs, rec = _run_cond(eqn, invals, path, plan, perturb, record, sites)
+        for k, leaves in (rec or {}).items():
+            _record(recorded, k, leaves)
+        return outs
     sub_prefix = (*path, 0)  # these primitives have one sub-program
     sub, sub_consts = _as_open(params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"])
     sub_plan = plan.within(sub_prefix)
     if prim in _CALLS:
-        return _run(sub, sub_consts, invals, sub_prefix, sub_plan, perturb, recorded)
+        return _run(sub, sub_consts, invals, sub_prefix, sub_plan, perturb, recorded, sites)
     sub_perturb = {k: perturb[k] for k in set(sub_plan.keys.values()) if k in perturb}
-    record = recorded is not None
     if prim in _REMATS:
 
         def body(xs, ps):
             rec: dict[str, list[Any]] | None = {} if record else None
-            outs = _run(sub, sub_consts, xs, sub_prefix, sub_plan, ps, rec)
+            outs = _run(sub, sub_consts, xs, sub_prefix, sub_plan, ps, rec, sites)
             return outs, rec
 
         outs, rec = jax.checkpoint(
@@ -256,7 +408,7 @@ def _run_higher(eqn, invals, path, plan, perturb, recorded):
         )(list(invals), sub_perturb)
     elif prim in _SCANS:
         outs, rec = _run_scan(
-            params, sub, sub_consts, invals, sub_prefix, sub_plan, sub_perturb, record
+            params, sub, sub_consts, invals, sub_prefix, sub_plan, sub_perturb, record, sites
         )
     else:
         # find_hits marks these taps as blocked, and the public functions refuse to serve
@@ -265,6 +417,49 @@ def _run_higher(eqn, invals, path, plan, perturb, recorded):
     for k, leaves in (rec or {}).items():
         _record(recorded, k, leaves)
     return outs
+
+
+def _run_cond(eqn, invals, path, plan, perturb, record, sites):
+    """lax.cond / lax.switch with each branch interpreted; every branch returns a recorded
+    value for every key of every branch (zeros for the keys of the others)."""
+    branches = eqn.params["branches"]
+    index, ops = invals[0], list(invals[1:])
+    keys = set(plan.within(path).keys.values())
+    sub_perturb = {k: perturb[k] for k in keys if k in perturb}
+    zeros: dict[str, list[jax.ShapeDtypeStruct]] = {}
+    if record:
+        for b, br in enumerate(branches):
+            b_plan = plan.within((*path, b))
+            for h in _shapes_of(_as_open(br)[0], (*path, b)):
+                if h.path in b_plan.keys:
+                    zeros.setdefault(b_plan.keys[h.path], list(h.shapes))
+
+    def branch(b):
+        sub, sub_consts = _as_open(branches[b])
+        b_prefix = (*path, b)
+        b_plan = plan.within(b_prefix)
+
+        def f(xs, ps):
+            rec: dict[str, list[Any]] | None = {} if record else None
+            outs = _run(sub, sub_consts, xs, b_prefix, b_plan, ps, rec, sites)
+            if rec is None:
+                return outs, None
+            full = {
+                k: rec[k] if k in rec else [jnp.zeros(s.shape, s.dtype) for s in shapes]
+                for k, shapes in zeros.items()
+            }
+            return outs, full
+
+        return f
+
+    return jax.lax.switch(index, [branch(b) for b in range(len(branches))], ops, sub_perturb)
+
+
+def _shapes_of(jaxpr, prefix: Path) -> list[Hit]:
+    """The hits of a sub-program, shapes stacked only by the scans inside it."""
+    hits: list[Hit] = []
+    _collect(jaxpr, prefix, (), None, hits, {})
+    return hits
 
 
 def _scan_operands(params, invals) -> tuple[list, list, list]:
@@ -282,14 +477,14 @@ def _scan_operands(params, invals) -> tuple[list, list, list]:
     )
 
 
-def _run_scan(params, body, body_consts, invals, prefix, plan, perturb, record):
+def _run_scan(params, body, body_consts, invals, prefix, plan, perturb, record, sites):
     consts, init, xs = _scan_operands(params, invals)
     n_carry = len(init)
 
     def step(carry, x):
         x_t, p_t = x
         rec: dict[str, list[Any]] | None = {} if record else None
-        outs = _run(body, body_consts, [*consts, *carry, *x_t], prefix, plan, p_t, rec)
+        outs = _run(body, body_consts, [*consts, *carry, *x_t], prefix, plan, p_t, rec, sites)
         return outs[:n_carry], (outs[n_carry:], rec)
 
     carry, (ys, rec) = jax.lax.scan(
@@ -301,3 +496,74 @@ def _run_scan(params, body, body_consts, invals, prefix, plan, perturb, record):
         unroll=params["unroll"],
     )
     return [*carry, *ys], rec
+
+
+# --- which hits reach the output ----------------------------------------------------------
+
+
+def liveness(
+    traced: Traced, inputs: Sequence[Any], hits: Sequence[Hit], differentiated: Sequence[bool]
+) -> tuple[list[bool], list[bool]]:
+    """For each hit: whether its tapped value reaches any output at all (a hit in dead
+    code does not), and whether it reaches the outputs marked in ``differentiated`` (one
+    flag per output leaf) differentiably (not through ``lax.stop_gradient`` or integer
+    operations). Read, as `fgrad._liveness.reaches_output` reads it, from the JVP program
+    of `run` with the perturbations as inputs, after dead-code elimination: structural
+    liveness from the primal outputs, differentiable liveness from the tangent outputs.
+    Hits must not be blocked; integer hits are only checked structurally.
+    """
+    if not hits:
+        return [], []
+    keys = [str(i) for i in range(len(hits))]
+    plan = Plan({h.path: k for h, k in zip(hits, keys, strict=True)})
+    zeros = [[jnp.zeros(s.shape, s.dtype) for s in h.shapes] for h in hits]
+    diff_hit = [h.differentiable for h in hits]
+
+    def f(ps):
+        outs, _ = run(
+            traced.jaxpr.jaxpr,
+            traced.jaxpr.consts,
+            inputs,
+            plan,
+            dict(zip(keys, ps, strict=True)),
+            record=False,
+        )
+        return outs
+
+    def split(ps):  # differentiable perturbations and the others
+        d = [p for p, ok in zip(ps, diff_hit, strict=True) if ok]
+        n = [p for p, ok in zip(ps, diff_hit, strict=True) if not ok]
+        return d, n
+
+    def merge(d, n):
+        di, ni = iter(d), iter(n)
+        return [next(di) if ok else next(ni) for ok in diff_hit]
+
+    d0, n0 = split(zeros)
+
+    def primal_and_tangent(d, t, n):
+        return jax.jvp(lambda d: f(merge(d, n)), (d,), (t,))
+
+    closed = jax.make_jaxpr(primal_and_tangent)(d0, d0, n0)
+    n_out = len(closed.jaxpr.outvars) // 2
+    sizes = [len(p) for p in zeros]
+    n_d = sum(len(p) for p in d0)
+    _, used_primal = pe.dce_jaxpr(closed.jaxpr, [True] * n_out + [False] * n_out)
+    _, used_tangent = pe.dce_jaxpr(closed.jaxpr, [False] * n_out + list(differentiated))
+    # invars: d (n_d leaves), t (n_d leaves), n (the rest)
+    d_used = used_primal[:n_d]
+    t_used = used_tangent[n_d : 2 * n_d]
+    n_used = used_primal[2 * n_d :]
+    reach, diff = [], []
+    di = dti = ni = 0
+    for h, size in zip(hits, sizes, strict=True):
+        if h.differentiable:
+            reach.append(any(d_used[di : di + size]))
+            diff.append(any(t_used[dti : dti + size]))
+            di += size
+            dti += size
+        else:
+            reach.append(any(n_used[ni : ni + size]))
+            diff.append(False)
+            ni += size
+    return reach, diff

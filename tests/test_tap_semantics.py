@@ -1,0 +1,286 @@
+"""What a tap's gradient means: every use of the tapped value (PyTorch's retain_grad),
+unused taps (allow_unused / materialize_grads), dead code, lax.cond branches, arguments
+passed as jax.grad passes them, complex taps; checked against PyTorch and jax.grad."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import fgrad
+from helpers import assert_tree_allclose
+
+W = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+X = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+
+
+def torch_h(retain=True):
+    w, x = torch.from_numpy(W).requires_grad_(True), torch.from_numpy(X)
+    h = torch.tanh(x @ w)
+    if retain:
+        h.retain_grad()
+    return h
+
+
+# --- 1. the retain_grad idiom: every use of the tapped value counts ------------------------
+
+
+def statement_tap(w, x):
+    h = jnp.tanh(x @ w)
+    fgrad.tap("h", h)  # written as a statement, as h.retain_grad() is
+    return jnp.sum(h**2)
+
+
+def beside_tap(w, x):
+    h = jnp.tanh(x @ w)
+    ht = fgrad.tap("h", h)
+    return jnp.sum(ht**2) + jnp.sum(h)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_statement_tap_and_tap_beside_the_original_match_retain_grad(jit):
+    h = torch_h()
+    (h**2).sum().backward()
+    wrap = jax.jit if jit else (lambda f: f)
+    got = wrap(fgrad.grad_intermediates(statement_tap))(W, X)
+    assert_tree_allclose(got, {"h": h.grad})
+    h = torch_h()
+    ((h**2).sum() + h.sum()).backward()  # 2h + 1
+    got = wrap(fgrad.grad_intermediates(beside_tap))(W, X)
+    assert_tree_allclose(got, {"h": h.grad})
+    value, grads = wrap(fgrad.value_and_grad_intermediates(beside_tap))(W, X)
+    assert_tree_allclose((value, grads), ((h**2).sum() + h.sum(), {"h": h.grad}))
+    _, values = wrap(fgrad.intermediates(statement_tap))(W, X)
+    assert_tree_allclose(values, {"h": h})
+
+
+def test_vjp_intermediates_counts_every_use():
+    h = torch_h()
+    ct = np.random.default_rng(2).normal(size=(5, 4)).astype(np.float32)
+    (h * 3.0 + h**2).backward(torch.from_numpy(ct))
+
+    def f(w, x):
+        h = jnp.tanh(x @ w)
+        fgrad.tap("h", h)
+        return h * 3.0 + h**2
+
+    _, pullback = fgrad.vjp_intermediates(f)(W, X)
+    assert_tree_allclose(pullback(jnp.asarray(ct)), {"h": h.grad})
+
+
+def test_value_tapped_twice_and_tap_of_a_tap_and_literal():
+    def f(x):
+        h = jnp.sin(x)
+        fgrad.tap("a", h)
+        b = fgrad.tap("b", fgrad.tap("c", h))  # a tap's result is the same value
+        k = fgrad.tap("k", 2.0)  # a literal: only the tap's result can carry it
+        return jnp.sum(h * b * k)
+
+    x = jnp.array([0.3, -0.7])
+    got = fgrad.grad_intermediates(f)(x)
+    full = 4.0 * jnp.sin(x)  # d/dh of 2 h^2, through both uses
+    assert_tree_allclose(got, {"a": full, "b": full, "c": full, "k": jnp.sum(jnp.sin(x) ** 2)})
+
+
+def test_tap_of_an_input_inside_jit_and_checkpoint_counts_uses_outside():
+    def f(x):
+        h = jnp.tanh(x)
+        jax.jit(lambda v: fgrad.tap("j", v))(h)
+        jax.checkpoint(lambda v: fgrad.tap("c", v) * 1.0)(h)
+        return jnp.sum(h**2)
+
+    x = jnp.array([0.1, 0.5])
+    expected = 2.0 * jnp.tanh(x)
+    assert_tree_allclose(fgrad.grad_intermediates(f)(x), {"j": expected, "c": expected})
+
+
+def test_tap_in_scan_body_of_a_value_from_outside_counts_that_steps_uses():
+    def f(c, xs):
+        def step(h, x):
+            ct = fgrad.tap("c", c)  # c is defined outside the body
+            h = jnp.tanh(h * c + x)  # the original used beside the tap
+            return h, h * ct
+
+        h, ys = jax.lax.scan(step, jnp.zeros(3), xs)
+        return jnp.sum(h) + jnp.sum(ys)
+
+    c = jnp.array([0.5, -0.2, 0.9])
+    xs = jnp.asarray(np.random.default_rng(3).normal(size=(4, 3)), jnp.float32)
+    got = jax.jit(fgrad.grad_intermediates(f))(c, xs)["c"]
+    assert got.shape == (4, 3)
+    # the per-step gradients add up to the gradient w.r.t. c (c is used only in the scan)
+    assert_tree_allclose(got.sum(0), jax.grad(f)(c, xs))
+
+
+# --- 3. allow_unused / materialize_grads, as torch.autograd.grad ------------------------------
+
+
+def three_taps(x):
+    a = fgrad.tap("a", x * 2.0)
+    fgrad.tap("b", x * 3.0)  # dead: reaches nothing returned
+    s = fgrad.tap("s", x * 4.0)  # reaches the output only through stop_gradient
+    return jnp.sum(a**2) + jnp.sum(jax.lax.stop_gradient(s)), s
+
+
+def torch_three(allow_unused=None, materialize_grads=False):
+    x = torch.tensor([0.5, -1.5])
+    a, b, s = x * 2.0, x * 3.0, x * 4.0
+    for t in (a, b, s):
+        t.requires_grad_(True)
+    y = (a**2).sum() + s.detach().sum()
+    return torch.autograd.grad(
+        y, [a, b, s], allow_unused=allow_unused, materialize_grads=materialize_grads
+    )
+
+
+X2 = jnp.array([0.5, -1.5])
+
+
+@pytest.mark.parametrize("kind", ["grad", "value_and_grad", "vjp"])
+def test_allow_unused_and_materialize_grads_match_torch(kind):
+    def call(**kw):
+        if kind == "grad":
+            return fgrad.grad_intermediates(three_taps, ["a", "b", "s"], has_aux=True, **kw)(X2)[0]
+        if kind == "value_and_grad":
+            f = fgrad.value_and_grad_intermediates(three_taps, ["a", "b", "s"], has_aux=True, **kw)
+            return f(X2)[1]
+        out, pullback, _ = fgrad.vjp_intermediates(three_taps, ["a", "b", "s"], has_aux=True, **kw)(
+            X2
+        )
+        return pullback(jnp.ones_like(out))
+
+    name = {"grad": "grad_intermediates", "value_and_grad": "value_and_grad_intermediates"}
+    caller = "fgrad." + name.get(kind, "vjp_intermediates")
+    with pytest.raises(
+        ValueError, match=rf"{caller}: the output does not depend on tap 'b'.*allow_unused=True"
+    ):
+        call()
+    with pytest.raises(RuntimeError):  # PyTorch refuses too
+        torch_three()
+    a, b, s = torch_three(allow_unused=True)
+    assert b is None and s is None
+    got = call(allow_unused=True)
+    assert got["b"] is None and got["s"] is None
+    assert_tree_allclose(got["a"], a)
+    zeros = torch_three(materialize_grads=True)
+    assert_tree_allclose(call(materialize_grads=True), dict(zip("abs", zeros, strict=True)))
+
+
+def test_unused_defaults_and_flags():
+    g = fgrad.grad_intermediates(three_taps, has_aux=True)  # names=None: the taps used
+    assert list(jax.jit(g)(X2)[0]) == ["a"]
+    got = jax.jit(fgrad.grad_intermediates(three_taps, has_aux=True, allow_unused=True))(X2)[0]
+    assert list(got) == ["a", "b", "s"] and got["b"] is None
+    with pytest.raises(ValueError, match="does not depend on tap 'b'"):
+        fgrad.grad_intermediates(three_taps, has_aux=True, allow_unused=False)(X2)
+    for bad in ({"allow_unused": "yes"}, {"materialize_grads": 1}):
+        with pytest.raises(
+            TypeError,
+            match=r"grad_intermediates: (allow_unused|materialize_grads) must be True or False",
+        ):
+            fgrad.grad_intermediates(three_taps, **bad)
+
+
+# --- 4. dead hits do not count -------------------------------------------------------------
+
+
+def test_dead_hit_is_not_a_hit():
+    layer = lambda v: fgrad.tap("layer", jnp.sin(v))
+
+    def f(x):
+        layer(x * 5.0)  # traced, but its value reaches nothing returned
+        return jnp.sum(layer(x) ** 2)
+
+    x = jnp.array([0.2, 0.4])
+    expected = {"layer": 2.0 * jnp.sin(x)}
+    assert_tree_allclose(jax.jit(fgrad.grad_intermediates(f))(x), expected)
+    assert_tree_allclose(fgrad.intermediates(f)(x)[1], {"layer": jnp.sin(x)})
+    split = fgrad.grad_intermediates(f, on_repeat="split")(x)
+    assert_tree_allclose(split, expected)  # one live hit: no '#i' keys
+    # nor does it cost anything: after dead-code elimination the program holds as many
+    # sines as jax.grad's
+    count = lambda fn: sum(
+        e.primitive.name == "sin"
+        for e in jax._src.interpreters.partial_eval.dce_jaxpr(jax.make_jaxpr(fn)(x).jaxpr, [True])[
+            0
+        ].eqns
+    )
+    assert count(lambda x: fgrad.grad_intermediates(f)(x)["layer"]) == count(jax.grad(f))
+
+
+# --- 5. taps inside lax.cond / lax.switch --------------------------------------------------
+
+
+def branchy(x, i):
+    branches = [
+        lambda v: fgrad.tap("a", jnp.sin(v)) * 2.0,
+        lambda v: fgrad.tap("b", jnp.cos(v)) * 3.0,
+        lambda v: v * 4.0,
+    ]
+    return jnp.sum(jax.lax.switch(i, branches, x) ** 2)
+
+
+def torch_branchy(x, i):
+    x = torch.tensor(np.asarray(x))
+    grads = {}
+    if i == 0:
+        a = torch.sin(x).requires_grad_(True)
+        y, t = (a * 2.0).pow(2).sum(), a
+    elif i == 1:
+        b = torch.cos(x).requires_grad_(True)
+        y, t = (b * 3.0).pow(2).sum(), b
+    else:
+        return {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    (g,) = torch.autograd.grad(y, t)
+    grads = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    grads["ab"[i]] = g.numpy()
+    return grads
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_switch_gives_the_taken_branchs_gradient_and_zeros_elsewhere(i):
+    x = jnp.array([0.3, 1.1])
+    got = jax.jit(fgrad.grad_intermediates(branchy))(x, jnp.int32(i))
+    assert_tree_allclose(got, torch_branchy(x, i))
+    _, values = jax.jit(fgrad.intermediates(branchy))(x, jnp.int32(i))
+    expected = {"a": jnp.sin(x) * float(i == 0), "b": jnp.cos(x) * float(i == 1)}
+    assert_tree_allclose(values, expected)
+
+
+def test_cond_under_vmap_and_scan():
+    def f(x):
+        def step(c, v):
+            y = jax.lax.cond(v > 0, lambda u: fgrad.tap("p", u * 3.0), lambda u: u * 0.5, v)
+            return c + y**2, None
+
+        return jax.lax.scan(step, 0.0, x)[0]
+
+    xs = jnp.array([[1.0, -2.0, 3.0], [-1.0, 2.0, 0.5]])
+    got = jax.vmap(fgrad.grad_intermediates(f))(xs)["p"]
+    assert_tree_allclose(got, jnp.where(xs > 0, 2 * 3.0 * xs, 0.0))
+
+
+# --- 12. arguments as jax.grad passes them -------------------------------------------------
+
+
+def test_static_and_keyword_arguments_reach_the_function():
+    def f(w, x, train, mode, *, scale):
+        h = fgrad.tap("h", jnp.tanh(x @ w))
+        if train:  # a Python bool
+            h = h * 0.5
+        assert mode == "sum"
+        return jnp.sum(h**2) * scale
+
+    w, x = jnp.asarray(W), jnp.asarray(X)
+    scale = jnp.float32(3.0)
+    h = jnp.tanh(x @ w)
+    expected = {"h": 2 * 0.25 * h * 3.0}
+    g = fgrad.grad_intermediates(f)(w, x, True, "sum", scale=scale)
+    assert_tree_allclose(g, expected)
+    _, gw = fgrad.grad_intermediates(f, argnums=0)(w, x, True, "sum", scale=scale)
+    assert_tree_allclose(gw, jax.grad(f)(w, x, True, "sum", scale=scale))
+    _, vals = fgrad.intermediates(f)(w, x, False, "sum", scale=scale)
+    assert_tree_allclose(vals, {"h": h})
+    _, pullback = fgrad.vjp_intermediates(f)(w, x, True, "sum", scale=scale)
+    assert_tree_allclose(pullback(jnp.float32(1.0)), expected)
