@@ -116,7 +116,7 @@ def test_errors(cnn):
     x = jnp.asarray(nhwc(X))
     with pytest.raises(ValueError, match=r"no submodule path matches 'conv3'.*'conv1', 'bn'"):
         fgrad.tap_linen(LinenCNN().apply, ["conv1", "conv3"])(v, x)
-    with pytest.raises(TypeError, match="paths must be a module path"):
+    with pytest.raises(TypeError, match="paths must be a submodule path"):
         fgrad.tap_linen(LinenCNN().apply, [])
     model = NnxCNN()
     with pytest.raises(ValueError, match=r"no submodule path matches 'head'"):
@@ -125,3 +125,63 @@ def test_errors(cnn):
         fgrad.tap_nnx(lambda x, m: m(x), argnum=1)(x, v)
     with pytest.raises(ValueError, match="argnum=2"):
         fgrad.tap_nnx(lambda m, x: m(x), argnum=2)(model, x)
+
+
+# --- globs, modules that never ran, unclear errors ----------------------------------------
+
+
+class Block(ln.Module):
+    @ln.compact
+    def __call__(self, x):
+        return ln.Dense(2, name="inner")(jnp.tanh(ln.Dense(2, name="Dense_0")(x)))
+
+
+class Outer(ln.Module):
+    @ln.compact
+    def __call__(self, x):
+        x = Block(name="block_0")(x)
+        return jnp.sum(Block(name="block_1")(x) ** 2)
+
+
+def test_glob_star_stops_at_slash_and_double_star_crosses_it():
+    x = jnp.ones((1, 2))
+    v = Outer().init(jax.random.key(0), x)
+    names = lambda pat: sorted(fgrad.intermediates(fgrad.tap_linen(Outer().apply, pat))(v, x)[1])
+    assert names("block_*") == ["block_0", "block_1"]
+    assert names("block_*/*") == [f"block_{i}/{n}" for i in (0, 1) for n in ("Dense_0", "inner")]
+    assert names("**/inner") == ["block_0/inner", "block_1/inner"]
+    assert names("block_1/**") == ["block_1/Dense_0", "block_1/inner"]
+    assert len(names("*")) == 6  # a lone '*' is every submodule
+    with pytest.raises(ValueError, match=r"no submodule path matches 'inner'.*'\*\*'"):
+        names("inner")
+    m = nnx.Sequential(
+        nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), jnp.tanh),
+        nnx.Linear(2, 1, rngs=nnx.Rngs(1)),
+    )
+    f = lambda pat: fgrad.intermediates(fgrad.tap_nnx(lambda m, x: jnp.sum(m(x)), pat))(m, x)
+    assert sorted(f("layers/*")[1]) == ["layers/0", "layers/1"]
+    assert sorted(f("layers/0/**")[1]) == ["layers/0/layers/0"]
+
+
+def test_tap_nnx_on_a_function_that_rebuilds_the_model_raises():
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    seq = nnx.Sequential(model)
+
+    def rebuilt(x):  # runs a copy of the model, never `seq` itself
+        return jnp.sum(nnx.merge(graphdef, state)(x))
+
+    f = fgrad.tap_nnx(rebuilt, "layers/0", model=seq)
+    with pytest.raises(ValueError, match=r"no submodule matching 'layers/0' ran.*nnx\.merge"):
+        fgrad.grad_intermediates(f)(jnp.ones((1, 2)))
+
+
+def test_unclear_errors_made_clear():
+    x = jnp.ones((1, 2))
+    v = Outer().init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match=r"paths must be a submodule path .*got 0 \(int\)"):
+        fgrad.tap_linen(Outer().apply, 0)
+    with pytest.raises(
+        ValueError, match=r"method='forward', but no submodule's 'forward' ran.*'__call__'"
+    ):
+        fgrad.tap_linen(Outer().apply, method="forward")(v, x)
