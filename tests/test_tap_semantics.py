@@ -284,3 +284,50 @@ def test_static_and_keyword_arguments_reach_the_function():
     assert_tree_allclose(vals, {"h": h})
     _, pullback = fgrad.vjp_intermediates(f)(w, x, True, "sum", scale=scale)
     assert_tree_allclose(pullback(jnp.float32(1.0)), expected)
+
+
+# --- 10. complex taps: PyTorch's convention ------------------------------------------------
+
+
+def test_complex_tap_gradient_is_pytorchs():
+    """A real loss of a complex intermediate: fgrad's gradient is PyTorch's .grad after
+    retain_grad (the conjugate of jax.grad's)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=3).astype(np.float32)
+    c = (rng.normal(size=3) + 1j * rng.normal(size=3)).astype(np.complex64)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    z = xt * torch.from_numpy(c)
+    z.retain_grad()
+    loss = (z * z * (0.3 + 0.7j)).real.sum() + (z.abs() ** 2).sum()
+    loss.backward()
+
+    def f(x):
+        z = fgrad.tap("z", x.astype(jnp.complex64) * jnp.asarray(c))
+        d = jnp.complex64(0.3 + 0.7j)
+        return jnp.sum(jnp.real(z * z * d)) + jnp.sum(jnp.abs(z) ** 2)
+
+    got = jax.jit(fgrad.grad_intermediates(f))(jnp.asarray(x))
+    assert got["z"].dtype == jnp.complex64
+    assert_tree_allclose(got, {"z": z.grad.numpy()})
+    _, pullback = fgrad.vjp_intermediates(f)(jnp.asarray(x))
+    assert_tree_allclose(pullback(jnp.float32(1.0)), {"z": z.grad.numpy()})
+
+
+# --- 11. errors say what was given and name the function called ----------------------------
+
+
+def test_errors_say_what_was_given_and_who_was_called():
+    f = lambda w, x: (jnp.tanh(fgrad.tap("h", x @ w)), jnp.sum(x))
+    _, pullback = fgrad.vjp_intermediates(f)(W, X)
+    with pytest.raises(
+        ValueError,
+        match=r"vjp_intermediates: .*\[1\] is missing \(given: \{\[0\]: float32\(5, 4\)\}\)",
+    ):
+        pullback((jnp.ones((5, 4)),))
+    g = lambda x: fgrad.tap("h", x) * 2.0
+    with pytest.raises(
+        TypeError, match=r"^fgrad.grad_intermediates: the function must return a scalar"
+    ):
+        fgrad.grad_intermediates(g)(jnp.ones(2))
+    with pytest.raises(ValueError, match=r"^fgrad.grad_intermediates: on_repeat must be one of"):
+        fgrad.grad_intermediates(g, on_repeat="mean")
