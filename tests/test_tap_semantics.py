@@ -331,3 +331,64 @@ def test_errors_say_what_was_given_and_who_was_called():
         fgrad.grad_intermediates(g)(jnp.ones(2))
     with pytest.raises(ValueError, match=r"^fgrad.grad_intermediates: on_repeat must be one of"):
         fgrad.grad_intermediates(g, on_repeat="mean")
+
+
+# --- 7. taps inside shard_map: global arrays, as outside it --------------------------------
+
+
+def _mlp(w, x):
+    h = fgrad.tap("h", jnp.tanh(x @ w))
+    fgrad.tap("w", w)  # replicated: the same on every device
+    return h
+
+
+def test_taps_inside_shard_map_give_global_arrays():
+    from jax.sharding import Mesh, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices("cpu")).reshape(4, 2), ("batch", "model"))
+    w = jnp.asarray(W)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(8, 3)), jnp.float32)
+
+    def local_loss(w, x):  # data parallel over 'batch'; 'model' replicates
+        return jax.lax.psum(jnp.sum(_mlp(w, x) ** 2 * w[0, 0]), "batch")
+
+    sharded = jax.shard_map(
+        local_loss,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec("batch")),
+        out_specs=PartitionSpec(),
+    )
+    plain = lambda w, x: jnp.sum(_mlp(w, x) ** 2 * w[0, 0])
+    expected = fgrad.grad_intermediates(plain, argnums=0)(w, x)
+    got = jax.jit(fgrad.grad_intermediates(sharded, argnums=0))(w, x)
+    assert got[0]["h"].shape == (8, 4)
+    assert_tree_allclose(got, expected)
+    _, values = fgrad.intermediates(sharded)(w, x)
+    assert_tree_allclose(values, fgrad.intermediates(plain)(w, x)[1])
+
+
+def test_shard_map_layouts_that_cannot_be_served_say_why():
+    from jax.sharding import Mesh, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices("cpu")), ("batch",))
+    x = jnp.ones((8, 2))
+
+    def scalar_tap(x):
+        return jax.lax.psum(fgrad.tap("s", jnp.sum(x)), "batch")
+
+    f = jax.shard_map(
+        scalar_tap, mesh=mesh, in_specs=PartitionSpec("batch"), out_specs=PartitionSpec()
+    )
+    with pytest.raises(
+        ValueError, match=r"tap 's' cannot be served: .*scalar that differs per device"
+    ):
+        fgrad.grad_intermediates(f)(x)
+    g = jax.shard_map(
+        lambda x: fgrad.tap("t", x * 2.0),
+        mesh=mesh,
+        in_specs=PartitionSpec("batch"),
+        out_specs=PartitionSpec("batch"),
+        check_vma=False,
+    )
+    with pytest.raises(ValueError, match=r"tap 't' cannot be served: .*check_vma=False"):
+        fgrad.intermediates(g)(x)

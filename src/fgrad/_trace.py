@@ -56,6 +56,11 @@ _BLOCKED_WHY = {
         "a jax.custom_vjp function: its gradient comes from the custom backward rule, "
         "which never sees the tap. Move the tap outside the custom_vjp function"
     ),
+    "shard_map_no_vma": (
+        "a shard_map with check_vma=False: fgrad cannot tell whether the tapped value "
+        "differs per device or is the same on all, so it cannot assemble a global array. "
+        "Use check_vma=True (the default), or tap outside the shard_map"
+    ),
     "xla_pmap": (
         "jax.pmap: fgrad cannot see into pmap's per-device program. Use jax.shard_map "
         "(taps inside shard_map are served) or jit with sharded arrays, or tap outside pmap"
@@ -185,24 +190,97 @@ def find_hits(jaxpr) -> list[Hit]:
     return hits
 
 
-def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict):
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """Inside a shard_map: its mesh's axis sizes and the scan depth where it began."""
+
+    sizes: Mapping[str, int]
+    depth: int
+
+
+def _varying(aval) -> frozenset | None:
+    """The mesh axes along which a value inside shard_map differs per device (None if
+    this JAX does not say)."""
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    vma = getattr(aval, "vma", None)
+    return None if vma is None else frozenset(vma)
+
+
+def _global_leaf(aval, shard: _Shard, sizes_order) -> tuple[tuple[int, ...] | None, str | None]:
+    """The global shape of a tapped leaf inside shard_map: per-device blocks joined along
+    their first axis over the axes it varies along, or the local shape where it does not
+    vary. Returns (shape, None) or (None, why it cannot be served)."""
+    varying = _varying(aval)
+    if varying is None:
+        return None, "a shard_map whose values' per-device layout this JAX does not record"
+    axes = [a for a in sizes_order if a in varying]
+    if not axes:
+        return tuple(aval.shape), None
+    if not aval.shape:
+        return None, (
+            "a shard_map, where it is a scalar that differs per device (along "
+            f"{', '.join(axes)}), so it has no global array to report. Tap an array with a "
+            "leading (batch) axis, or the value after lax.psum"
+        )
+    n = 1
+    for a in axes:
+        n *= shard.sizes[a]
+    return (aval.shape[0] * n, *aval.shape[1:]), None
+
+
+def _spec(aval, mesh_axes) -> Any:
+    """The PartitionSpec of a tapped leaf inside shard_map, as `_global_leaf` joins it."""
+    from jax.sharding import PartitionSpec
+
+    axes = tuple(a for a in mesh_axes if a in (_varying(aval) or ()))
+    return PartitionSpec(axes) if axes else PartitionSpec()
+
+
+def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict, shard=None):
     for i, eqn in enumerate(jaxpr.eqns):
         if is_tap(eqn):
-            shapes = tuple(
-                jax.ShapeDtypeStruct((*stack, *v.aval.shape), v.aval.dtype) for v in eqn.invars
+            why = blocked
+            shapes = []
+            for v in eqn.invars:
+                local = tuple(v.aval.shape)
+                if shard is not None and why is None:
+                    if len(stack) > shard.depth:
+                        why = (
+                            "a lax.scan inside a shard_map: fgrad serves taps directly in a "
+                            "shard_map body (or in jit, checkpoint or cond there). Tap "
+                            "outside the scan, or move the scan outside the shard_map"
+                        )
+                    else:
+                        local, why = _global_leaf(v.aval, shard, list(shard.sizes))
+                        local = local or tuple(v.aval.shape)
+                shapes.append(jax.ShapeDtypeStruct((*stack, *local), v.aval.dtype))
+            hits.append(
+                Hit(eqn.params["name"], (*prefix, i), eqn.params["tree"], tuple(shapes), why)
             )
-            hits.append(Hit(eqn.params["name"], (*prefix, i), eqn.params["tree"], shapes, blocked))
             continue
         subs = _sub_jaxprs(eqn.params)
         if not subs:
             continue
         prim = eqn.primitive.name
+        inner_shard = shard
         if prim in _SCANS:
             inner_stack, inner_blocked = (*stack, int(eqn.params["length"])), blocked
         elif prim in _CALLS or prim in _REMATS or prim in _CONDS:
             inner_stack, inner_blocked = stack, blocked
         elif prim == "shard_map" and _from_pmap(eqn):
             inner_stack, inner_blocked = stack, blocked or _BLOCKED_WHY["xla_pmap"]
+        elif prim == "shard_map" and not eqn.params.get("check_vma", False):
+            inner_stack, inner_blocked = stack, blocked or _BLOCKED_WHY["shard_map_no_vma"]
+        elif prim == "shard_map":
+            inner_stack, inner_blocked = stack, blocked
+            if shard is not None:
+                inner_blocked = blocked or "a shard_map nested in another shard_map"
+            mesh = eqn.params["mesh"]
+            inner_shard = _Shard(
+                dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)), len(stack)
+            )
         else:
             inner_stack = stack
             inner_blocked = blocked or _BLOCKED_WHY.get(
@@ -210,7 +288,7 @@ def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict):
             )
         for j, sub in enumerate(subs):
             if _has_tap(sub, memo):
-                _collect(sub, (*prefix, i, j), inner_stack, inner_blocked, hits, memo)
+                _collect(sub, (*prefix, i, j), inner_stack, inner_blocked, hits, memo, inner_shard)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,8 +463,9 @@ def _run_higher(eqn, invals, path, plan, perturb, recorded, sites):
     prim = eqn.primitive.name
     params = eqn.params
     record = recorded is not None
-    if prim in _CONDS:
-        outs, rec = _run_cond(eqn, invals, path, plan, perturb, record, sites)
+    if prim in _CONDS or prim == "shard_map":
+        run_it = _run_cond if prim in _CONDS else _run_shard_map
+        outs, rec = run_it(eqn, invals, path, plan, perturb, record, sites)
         for k, leaves in (rec or {}).items():
             _record(recorded, k, leaves)
         return outs
@@ -453,6 +532,63 @@ def _run_cond(eqn, invals, path, plan, perturb, record, sites):
         return f
 
     return jax.lax.switch(index, [branch(b) for b in range(len(branches))], ops, sub_perturb)
+
+
+def _tap_avals(jaxpr, plan: Plan) -> dict[str, list]:
+    """Per key of ``plan``: the avals of its tap's leaves, as the tap sees them."""
+    out: dict[str, list] = {}
+
+    def walk(j, prefix):
+        for i, eqn in enumerate(j.eqns):
+            path = (*prefix, i)
+            if is_tap(eqn) and path in plan.keys:
+                out.setdefault(plan.keys[path], [v.aval for v in eqn.invars])
+            elif plan.enters(path):
+                for b, sub in enumerate(_sub_jaxprs(eqn.params)):
+                    walk(_as_open(sub)[0], (*path, b))
+
+    walk(jaxpr, ())
+    return out
+
+
+def _run_shard_map(eqn, invals, path, plan, perturb, record, sites):
+    """shard_map with its body interpreted; perturbations enter, and recorded values
+    leave, as global arrays: per-device blocks joined along their first axis over the mesh
+    axes the tapped value varies along (the layout of a batch-sharded activation), or
+    replicated where it does not vary."""
+    params = eqn.params
+    sub_prefix = (*path, 0)
+    sub_plan = plan.within(sub_prefix)
+    body, body_consts = _as_open(params["jaxpr"])
+    rel = Plan({p[len(sub_prefix) :]: k for p, k in sub_plan.keys.items()})
+    avals = _tap_avals(body, rel)
+    mesh_axes = list(params["mesh"].axis_names)
+    keys = sorted(avals)
+    p_keys = [k for k in keys if k in perturb]
+    p_leaves = [x for k in p_keys for x in perturb[k]]
+    p_specs = [_spec(a, mesh_axes) for k in p_keys for a in avals[k]]
+    rec_specs = [_spec(a, mesh_axes) for k in keys for a in avals[k]] if record else []
+    n_in, n_out = len(invals), len(eqn.outvars)
+
+    def f(*xs):
+        it = iter(xs[n_in:])
+        ps = {k: [next(it) for _ in avals[k]] for k in p_keys}
+        rec: dict[str, list[Any]] | None = {} if record else None
+        outs = _run(body, body_consts, list(xs[:n_in]), sub_prefix, sub_plan, ps, rec, sites)
+        extra = [x for k in keys for x in rec[k]] if rec is not None else []
+        return (*outs, *extra)
+
+    res = jax.shard_map(
+        f,
+        mesh=params["mesh"],
+        in_specs=(*params["in_specs"], *p_specs),
+        out_specs=(*params["out_specs"], *rec_specs),
+        axis_names=set(params["newly_manual_axes"]),
+        check_vma=params["check_vma"],
+    )(*invals, *p_leaves)
+    outs, extra = list(res[:n_out]), iter(res[n_out:])
+    rec = {k: [next(extra) for _ in avals[k]] for k in keys} if record else None
+    return outs, rec
 
 
 def _shapes_of(jaxpr, prefix: Path) -> list[Hit]:
