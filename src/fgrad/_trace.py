@@ -366,10 +366,26 @@ def _place(jaxpr, prefix: Path, plan: Plan, sites: _Sites) -> None:
                         here.setdefault(alias.get(outer, outer), []).extend(inner.pop(v))
 
 
-def _sites(jaxpr, plan: Plan) -> _Sites:
+def _sites(jaxpr, plan: Plan, at_result: bool = False) -> _Sites:
     sites = _Sites({}, {})
+    if at_result:  # every perturbation on the tap's result only
+        for path, key in plan.keys.items():
+            n = _tap_arity(jaxpr, path)
+            sites.at_tap[path] = [(key, j) for j in range(n)]
+        return sites
     _place(jaxpr, (), plan, sites)
     return sites
+
+
+def _tap_arity(jaxpr, path: Path) -> int:
+    """The number of leaves of the tap at ``path``."""
+    j, eqn = jaxpr, None
+    rest = list(path)
+    while rest:
+        eqn = j.eqns[rest.pop(0)]
+        if rest:
+            j = _as_open(_sub_jaxprs(eqn.params)[rest.pop(0)])[0]
+    return len(eqn.invars)
 
 
 def _add(x, entries: Entries, perturb: Mapping[str, Sequence[Any]]):
@@ -387,6 +403,7 @@ def run(
     perturb: Mapping[str, Sequence[Any]],
     *,
     record: bool = True,
+    at_result: bool = False,
 ) -> tuple[list[Any], dict[str, list[Any]] | None]:
     """Evaluates ``jaxpr``; at each tap in ``plan`` records the leaves under the tap's key
     (unless ``record`` is false: then None is returned for them, and scans and checkpoints
@@ -396,10 +413,11 @@ def run(
     passes are zeros).
 
     Taps inside a ``scan`` take, and report, values stacked on a leading axis. Taps in a
-    ``cond`` branch that did not run report zeros.
+    ``cond`` branch that did not run report zeros. With ``at_result`` the perturbations
+    are added to the taps' results instead (what reads the tap's result, not the value).
     """
     recorded: dict[str, list[Any]] | None = {} if record else None
-    sites = _sites(jaxpr, plan)
+    sites = _sites(jaxpr, plan, at_result)
     outs = _run(jaxpr, consts, args, (), plan, perturb, recorded, sites)
     return outs, recorded
 
@@ -703,3 +721,34 @@ def liveness(
             diff.append(False)
             ni += size
     return reach, diff
+
+
+def results_reach(traced: Traced, inputs: Sequence[Any], hits: Sequence[Hit]) -> list[bool]:
+    """For each (unblocked) hit: whether the tap's *result* reaches any output (a tap
+    written as a statement, or one in code traced only for its side effects, does not)."""
+    if not hits:
+        return []
+    keys = [str(i) for i in range(len(hits))]
+    plan = Plan({h.path: k for h, k in zip(hits, keys, strict=True)})
+    zeros = [[jnp.zeros(s.shape, s.dtype) for s in h.shapes] for h in hits]
+
+    def f(ps):
+        perturb = dict(zip(keys, ps, strict=True))
+        outs, _ = run(
+            traced.jaxpr.jaxpr,
+            traced.jaxpr.consts,
+            inputs,
+            plan,
+            perturb,
+            record=False,
+            at_result=True,
+        )
+        return outs
+
+    closed = jax.make_jaxpr(f)(zeros)
+    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    out, i = [], 0
+    for z in zeros:
+        out.append(any(used[i : i + len(z)]))
+        i += len(z)
+    return out

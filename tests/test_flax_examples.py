@@ -1,0 +1,400 @@
+"""tap_linen / tap_nnx with "*" on small copies of the models of Flax's examples, written
+the way those examples write them (a ResNet with BatchNorm, the SST-2 classifier with an
+nn.scan LSTM, an LM1B-style decoder, nnx MLP and CNN), unmodified: every submodule's
+output gradient checked by finite differences in float64 (a random direction added to
+the module's output through flax's own method interception, or an nnx subclass)."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fgrad
+
+EPS = 1e-5
+
+
+def to64(tree):
+    f = lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(f, tree)
+
+
+def check_directional(loss_with, grads, shapes, seed=0, skip=lambda path, i: False):
+    """``loss_with(deltas)`` is the loss with ``deltas[path]`` added to each module's
+    output (the same delta at every step of a scan). For each tapped path, a random
+    direction v: central difference of the loss along v equals <gradient, v> (summed over
+    steps for a tap inside a scan). Leaves ``skip(path, i)`` get no direction: adding a
+    delta to a module's output misses the uses of a value inside the module itself (an
+    LSTM cell's new c also makes its new h), which a tap, like retain_grad, counts."""
+    rng = np.random.default_rng(seed)
+    f = jax.jit(loss_with)
+    zero = {p: jax.tree.map(jnp.zeros_like, s) for p, s in shapes.items()}
+    assert set(grads) <= set(shapes), set(grads) - set(shapes)
+    for path, g in grads.items():
+        leaves, tree = jax.tree.flatten(shapes[path])
+        v = tree.unflatten(
+            [
+                jnp.asarray(rng.normal(size=s.shape) * (not skip(path, i)))
+                for i, s in enumerate(leaves)
+            ]
+        )
+        plus = dict(zero, **{path: jax.tree.map(lambda x: EPS * x, v)})
+        minus = dict(zero, **{path: jax.tree.map(lambda x: -EPS * x, v)})
+        fd = (f(plus) - f(minus)) / (2 * EPS)
+
+        def dot(gl, vl):
+            if gl.shape != vl.shape:  # per-step gradients of a tap inside a scan
+                gl = gl.sum(0)
+            return jnp.sum(gl * vl)
+
+        an = sum(jax.tree.leaves(jax.tree.map(dot, g, v)))
+        np.testing.assert_allclose(an, fd, rtol=1e-6, atol=1e-9, err_msg=path)
+
+
+def is_lstm(path):
+    """An LSTM cell, or the nn.scan over one: it returns ((c, h), h)."""
+    return path.endswith(("_lstm", "OptimizedLSTMCell_0"))
+
+
+def linen_shapes_and_perturbed(apply):
+    """The output shapes of every submodule's __call__ (one step's, inside a scan), and
+    ``apply`` with deltas added to chosen outputs."""
+
+    def with_deltas(deltas, *args, **kwargs):
+        def interceptor(next_fun, a, k, ctx):
+            out = next_fun(*a, **k)
+            path = "/".join(ctx.module.path)
+            if ctx.method_name == "__call__" and path in deltas:
+                leaves, tree = jax.tree.flatten(out)
+                ds = tree.flatten_up_to(deltas[path])
+                if is_lstm(path):  # ((c, h), h): one h, in two places; it gets both deltas
+                    ds = [ds[0], ds[1] + ds[2], ds[1] + ds[2]]
+                out = tree.unflatten(
+                    [o + d.astype(o.dtype) for o, d in zip(leaves, ds, strict=True)]
+                )
+            return out
+
+        with nn.intercept_methods(interceptor):
+            return apply(*args, **kwargs)
+
+    def shapes(*args, **kwargs):
+        seen = {}
+
+        def interceptor(next_fun, a, k, ctx):
+            out = next_fun(*a, **k)
+            path = "/".join(ctx.module.path)
+            if ctx.method_name == "__call__" and path:
+                seen[path] = jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), out)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            jax.eval_shape(lambda *a: apply(*a, **kwargs), *args)
+        return seen
+
+    return shapes, with_deltas
+
+
+# --- the SST-2 classifier: embedding, bidirectional LSTM by nn.scan, attention, MLP -------
+
+
+class LSTM(nn.Module):
+    hidden: int
+
+    @functools.partial(
+        nn.scan, variable_broadcast="params", in_axes=1, out_axes=1, split_rngs={"params": False}
+    )
+    @nn.compact
+    def __call__(self, carry, x):
+        return nn.OptimizedLSTMCell(self.hidden, param_dtype=jnp.float64)(carry, x)
+
+    def initialize_carry(self, shape):
+        cell = nn.OptimizedLSTMCell(self.hidden, param_dtype=jnp.float64, parent=None)
+        return cell.initialize_carry(jax.random.key(0), shape)
+
+
+class BiLSTM(nn.Module):
+    hidden: int
+
+    def setup(self):
+        self.forward_lstm = LSTM(self.hidden)
+        self.backward_lstm = LSTM(self.hidden)
+
+    def __call__(self, xs):
+        _, fwd = self.forward_lstm(self.forward_lstm.initialize_carry(xs[:, 0].shape), xs)
+        rev = xs[:, ::-1]
+        _, bwd = self.backward_lstm(self.backward_lstm.initialize_carry(rev[:, 0].shape), rev)
+        return jnp.concatenate([fwd, bwd[:, ::-1]], -1)
+
+
+class Attention(nn.Module):
+    hidden: int
+
+    @nn.compact
+    def __call__(self, keys):
+        energy = nn.tanh(nn.Dense(self.hidden, name="keys", use_bias=False)(keys))
+        scores = nn.Dense(1, name="energy", use_bias=False)(energy).squeeze(-1)
+        return nn.softmax(scores, axis=-1)
+
+
+class Classifier(nn.Module):
+    vocab: int
+    emb: int
+    hidden: int
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.initializers.normal(0.1), (self.vocab, self.emb), jnp.float64
+        )
+        self.encoder = BiLSTM(self.hidden)
+        self.attention = Attention(self.hidden)
+        self.intermediate = nn.Dense(self.hidden)
+        self.output_layer = nn.Dense(2, use_bias=False)
+
+    def __call__(self, ids):
+        enc = self.encoder(self.embedding[ids])
+        context = (self.attention(enc)[:, None] @ enc).squeeze(1)
+        return self.output_layer(nn.tanh(self.intermediate(context)))
+
+
+# --- a ResNet with BatchNorm, as the ImageNet example writes it ---------------------------
+
+
+class ResNetBlock(nn.Module):
+    filters: int
+    conv: type
+    norm: type
+    strides: tuple = (1, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.conv(self.filters, (3, 3), self.strides)(x)
+        y = nn.relu(self.norm()(y))
+        y = self.conv(self.filters, (3, 3))(y)
+        y = self.norm(scale_init=nn.initializers.ones)(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+            residual = self.norm(name="norm_proj")(residual)
+        return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+    stage_sizes: tuple = (1, 1)
+    filters: int = 4
+    classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = functools.partial(nn.Conv, use_bias=False, param_dtype=jnp.float64)
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            param_dtype=jnp.float64,
+        )
+        x = conv(self.filters, (3, 3), name="conv_init")(x)
+        x = nn.relu(norm(name="bn_init")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        for i, size in enumerate(self.stage_sizes):
+            for j in range(size):
+                strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                x = ResNetBlock(self.filters * 2**i, conv, norm, strides)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.classes, param_dtype=jnp.float64)(x)
+
+
+# --- an LM1B-style decoder: shared embedding, positional embedding, causal attention ------
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(nn.Dense(self.mlp_dim, param_dtype=jnp.float64)(x))
+        return nn.Dense(x.shape[-1], param_dtype=jnp.float64)(y)
+
+
+class DecoderBlock(nn.Module):
+    heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x, mask):
+        y = nn.LayerNorm(param_dtype=jnp.float64)(x)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.heads, param_dtype=jnp.float64, deterministic=True
+        )(y, mask=mask)
+        x = x + y
+        z = nn.LayerNorm(param_dtype=jnp.float64)(x)
+        return x + MlpBlock(self.mlp_dim)(z)
+
+
+class Decoder(nn.Module):
+    vocab: int = 7
+    emb: int = 4
+    layers: int = 1
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(self.vocab, self.emb, param_dtype=jnp.float64, name="embed")
+        x = embed(ids)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(0.02), (1, ids.shape[1], self.emb), jnp.float64
+        )
+        x = x + pos
+        mask = nn.make_causal_mask(ids)
+        for i in range(self.layers):
+            x = DecoderBlock(2, 8, name=f"block_{i}")(x, mask)
+        x = nn.LayerNorm(param_dtype=jnp.float64, name="final_norm")(x)
+        return embed.attend(x)  # logits with the shared embedding
+
+
+def _linen_case(model, x, init_kwargs, apply_kwargs, mutable=False):
+    variables = to64(model.init(jax.random.key(0), x, **init_kwargs))
+    if "batch_stats" in variables:  # running statistics away from their initial 0 and 1,
+        # so that no ReLU input is exactly 0 (a kink finite differences cannot cross)
+        rng = np.random.default_rng(7)
+        stats = jax.tree_util.tree_map_with_path(
+            lambda p, v: jnp.asarray(
+                rng.uniform(0.5, 1.5, v.shape)
+                if "var" in jax.tree_util.keystr(p)
+                else rng.normal(0.0, 0.3, v.shape)
+            ),
+            variables["batch_stats"],
+        )
+        variables = {**variables, "batch_stats": stats}
+    apply = functools.partial(model.apply, mutable=["batch_stats"]) if mutable else model.apply
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(8,)))
+
+    def loss_of(out):
+        out = out[0] if mutable else out
+        return jnp.sum(jnp.tanh(out) * weights[: out.shape[-1]])
+
+    return variables, apply, loss_of
+
+
+@pytest.mark.parametrize("name", ["sst2", "resnet", "lm1b"])
+def test_every_submodule_gradient_by_finite_differences(name):
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        if name == "sst2":
+            model, x = Classifier(10, 4, 3), jnp.array([[1, 4, 2], [5, 9, 0]])
+            variables, apply, loss_of = _linen_case(model, x, {}, {})
+            kwargs = {}
+        elif name == "resnet":  # inference: BatchNorm's running statistics
+            model = ResNet()
+            x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 8, 3)))
+            variables, apply, loss_of = _linen_case(model, x, {"train": False}, {})
+            kwargs = {"train": False}
+        else:
+            model, x = Decoder(), jnp.array([[1, 4, 2, 6], [5, 0, 3, 3]])
+            variables, apply, loss_of = _linen_case(model, x, {}, {})
+            kwargs = {}
+        loss = lambda v, x: loss_of(fgrad.tap_linen(apply, "*")(v, x, **kwargs))
+        grads = jax.jit(fgrad.grad_intermediates(loss))(variables, x)
+        shapes, with_deltas = linen_shapes_and_perturbed(apply)
+        s = shapes(variables, x, **kwargs)
+        assert len(grads) >= 8, sorted(grads)
+        float_paths = {
+            p
+            for p, t in s.items()
+            if all(jnp.issubdtype(l.dtype, jnp.floating) for l in jax.tree.leaves(t))
+        }
+        assert set(grads) == float_paths
+        lstm_c = lambda path, i: is_lstm(path) and i == 0
+        check_directional(
+            lambda d: loss_of(with_deltas(d, variables, x, **kwargs)), grads, s, skip=lstm_c
+        )
+
+
+# --- nnx: an MLP and the MNIST-example CNN -----------------------------------------------
+
+
+class NnxCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(1, 4, kernel_size=(3, 3), rngs=rngs, param_dtype=jnp.float64)
+        self.conv2 = nnx.Conv(4, 4, kernel_size=(3, 3), rngs=rngs, param_dtype=jnp.float64)
+        self.avg_pool = functools.partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))
+        self.linear1 = nnx.Linear(4 * 2 * 2, 8, rngs=rngs, param_dtype=jnp.float64)
+        self.linear2 = nnx.Linear(8, 3, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+        x = self.avg_pool(nnx.relu(self.conv1(x)))
+        x = self.avg_pool(nnx.relu(self.conv2(x)))
+        x = x.reshape(x.shape[0], -1)
+        return self.linear2(nnx.relu(self.linear1(x)))
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = (
+            nnx.List(
+                [
+                    nnx.Linear(3, 5, rngs=rngs, param_dtype=jnp.float64),
+                    nnx.Linear(5, 2, rngs=rngs, param_dtype=jnp.float64),
+                ]
+            )
+            if hasattr(nnx, "List")
+            else [
+                nnx.Linear(3, 5, rngs=rngs, param_dtype=jnp.float64),
+                nnx.Linear(5, 2, rngs=rngs, param_dtype=jnp.float64),
+            ]
+        )
+        self.norm = nnx.LayerNorm(5, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+        return self.layers[1](jnp.tanh(self.norm(self.layers[0](x))))
+
+
+@pytest.mark.parametrize("kind", ["cnn"])
+def test_nnx_every_submodule_gradient_by_finite_differences(kind):
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        if kind == "mlp":
+            model, x = (
+                NnxMLP(nnx.Rngs(0)),
+                jnp.asarray(np.random.default_rng(3).normal(size=(2, 3))),
+            )
+        else:
+            model = NnxCNN(nnx.Rngs(0))
+            x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, 8, 1)))
+        w = jnp.asarray(np.random.default_rng(4).normal(size=(3,)))
+        loss_of = lambda out: jnp.sum(jnp.tanh(out) * w[: out.shape[-1]])
+        grads = jax.jit(fgrad.grad_intermediates(fgrad.tap_nnx(lambda m, x: loss_of(m(x)), "*")))(
+            model, x
+        )
+        mods = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if p and callable(m)}
+        assert set(grads) == set(mods)
+        # reference: each module's output shifted by a delta, through an independent subclass
+        deltas_now: dict = {}
+        swapped = {}
+        for path, m in mods.items():
+            cls = type(m)
+            sub = type(
+                cls.__name__,
+                (cls,),
+                {
+                    "__call__": lambda self, *a, _c=cls, _p=path: (
+                        _c.__call__(self, *a) + deltas_now[_p]
+                    )
+                },
+            )
+            swapped[path] = (m, cls, sub)
+
+        def loss_with(d):
+            deltas_now.clear()
+            deltas_now.update(d)
+            for m, _, sub in swapped.values():
+                object.__setattr__(m, "__class__", sub)
+            try:
+                return loss_of(model(x))
+            finally:
+                for m, cls, _ in swapped.values():
+                    object.__setattr__(m, "__class__", cls)
+
+        shapes = {p: jax.ShapeDtypeStruct(g.shape, g.dtype) for p, g in grads.items()}
+        check_directional(loss_with, grads, shapes)
