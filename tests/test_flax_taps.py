@@ -185,3 +185,38 @@ def test_unclear_errors_made_clear():
         ValueError, match=r"method='forward', but no submodule's 'forward' ran.*'__call__'"
     ):
         fgrad.tap_linen(Outer().apply, method="forward")(v, x)
+
+
+# --- nnx in train mode: module state written back, as nnx.grad does ----------------------
+
+
+class TrainNet(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.calls = nnx.Variable(jnp.int32(0))  # an integer variable
+
+    def __call__(self, x):
+        self.calls[...] = self.calls[...] + 1
+        return self.bn(self.lin(x))
+
+
+def test_nnx_train_mode_state_is_written_back():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+    model, reference = TrainNet(nnx.Rngs(0)), TrainNet(nnx.Rngs(0))
+    model.train()
+    reference.train()
+    y = reference(x)  # one train-mode call: the statistics PyTorch/nnx would hold after it
+    loss = fgrad.tap_nnx(lambda m, x: jnp.sum(m(x) ** 2), "*")
+    grads = fgrad.grad_intermediates(loss)(model, x)
+    assert_tree_allclose(grads["bn"], 2.0 * y)
+    assert_tree_allclose(model.bn.mean[...], reference.bn.mean[...])
+    assert_tree_allclose(model.bn.var[...], reference.bn.var[...])
+    assert int(model.calls[...]) == 1
+    fgrad.intermediates(loss)(model, x)  # a second call moves them again
+    reference(x)
+    assert_tree_allclose(model.bn.mean[...], reference.bn.mean[...])
+    assert int(model.calls[...]) == 2
+    closed = fgrad.tap_nnx(lambda x: jnp.sum(model(x) ** 2), model=model)
+    with pytest.raises(ValueError, match=r"changes its state in this call.*as an argument"):
+        fgrad.grad_intermediates(closed)(x)

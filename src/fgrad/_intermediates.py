@@ -228,12 +228,13 @@ def _out_mask(traced: _trace.Traced, has_aux: bool, caller: str) -> list[bool]:
     """Which output leaves are differentiated: all of them, or those of ``out`` in
     ``(out, aux)`` with ``has_aux``."""
     n = traced.out_tree.num_leaves
+    state = [False] * traced.n_state  # module state after the call: not differentiated
     if not has_aux:
-        return [True] * n
+        return [True] * n + state
     idx = jax.tree.unflatten(traced.out_tree, list(range(n)))
     y, _ = _checks.split_aux(idx, caller)
     chosen = set(jax.tree.leaves(y))
-    return [i in chosen for i in range(n)]
+    return [i in chosen for i in range(n)] + state
 
 
 def _intermediates_values(fn: Callable, req: _Request) -> Callable:
@@ -241,9 +242,11 @@ def _intermediates_values(fn: Callable, req: _Request) -> Callable:
     def wrapped(*args, **kwargs):
         traced = _trace.trace(fn, args, kwargs, dynamic_argnums=())
         inputs = traced.inputs(args, kwargs)
-        mask = [False] * traced.out_tree.num_leaves
+        mask = [False] * (traced.out_tree.num_leaves + traced.n_state)
         sel = _select(traced, inputs, req, for_grad=False, differentiated=mask)
         outs, rec = _trace.run(traced.jaxpr.jaxpr, traced.jaxpr.consts, inputs, sel.plan, {})
+        outs, state = traced.split_outputs(outs)
+        traced.write_back(args, kwargs, state)
         return jax.tree.unflatten(traced.out_tree, outs), sel.unflatten(rec)
 
     return wrapped
@@ -308,12 +311,15 @@ def _vjp(fn, req: _Request, args, kwargs, *, has_aux, argnums):
             perturb,
             record=False,  # the gradient needs the perturbations only
         )
+        outs, state = traced.split_outputs(outs)
         out = jax.tree.unflatten(traced.out_tree, outs)
         if has_aux:
-            return _checks.split_aux(out, caller)
-        return out, None
+            y, aux = _checks.split_aux(out, caller)
+            return y, (aux, state)
+        return out, (None, state)
 
-    out, pullback, aux = jax.vjp(forward, sel.zeros(), diff_args, has_aux=True)
+    out, pullback, (aux, state) = jax.vjp(forward, sel.zeros(), diff_args, has_aux=True)
+    traced.write_back(args, kwargs, state)
 
     def pull(ct):
         conj_ct = jax.tree.map(_conj_if_complex, ct)

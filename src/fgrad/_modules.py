@@ -20,6 +20,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 
+from flax import errors as flax_errors
 from flax import linen as nn
 from flax import nnx
 
@@ -258,7 +259,19 @@ def tap_nnx(
                 # object.__setattr__: nnx refuses attribute writes from inside a trace,
                 # but the class swap changes no state and is undone below.
                 object.__setattr__(mod, "__class__", _tapping_subclass(type(mod)))
-            out = fn(*args, **kwargs)
+            try:
+                out = fn(*args, **kwargs)
+            except flax_errors.TraceContextError as e:
+                if model is None:
+                    raise
+                raise ValueError(
+                    f"{caller}: the model given as model=... changes its state in this call "
+                    "(train mode: BatchNorm statistics, Dropout's RNG count, a counter), and "
+                    "a model the function closes over cannot be written to from inside the "
+                    "transformation. Pass the model as an argument instead (tap_nnx(fn, "
+                    "argnum=0), fn(model, ...)): fgrad then writes its new state back, as "
+                    "nnx.grad does. Or call model.eval() first."
+                ) from e
         finally:
             for mod, cls in originals:
                 object.__setattr__(mod, "__class__", cls)

@@ -95,6 +95,32 @@ class Traced:
     hits: tuple[Hit, ...]  # in program order
     in_tree: Any = None  # PyTreeDef of (args, kwargs)
     dynamic: tuple[bool, ...] | None = None  # per leaf of (args, kwargs): traced or not
+    # Flax nnx modules among the arguments may change their state (BatchNorm statistics,
+    # counters) when called: the jaxpr then also returns every traced argument leaf as it
+    # is after the call, after fn's own outputs, so the caller can write it back.
+    n_state: int = 0
+
+    def split_outputs(self, outs: Sequence[Any]) -> tuple[list, list]:
+        """``fn``'s output leaves and the arguments' leaves after the call."""
+        n = len(outs) - self.n_state
+        return list(outs[:n]), list(outs[n:])
+
+    def write_back(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None, state) -> None:
+        """Updates the nnx modules among ``(args, kwargs)`` to their state after the call,
+        as ``nnx.grad`` does (BatchNorm's running statistics, counters, RNG state)."""
+        if not self.n_state:
+            return
+        from flax import nnx
+
+        leaves = jax.tree.leaves((tuple(args), dict(kwargs or {})))
+        it = iter(state)
+        full = [next(it) if d else x for x, d in zip(leaves, self.dynamic or (), strict=True)]
+        after = jax.tree.unflatten(self.in_tree, full)
+        is_mod = lambda x: isinstance(x, nnx.Module)
+        before = jax.tree.leaves((tuple(args), dict(kwargs or {})), is_leaf=is_mod)
+        for old, new in zip(before, jax.tree.leaves(after, is_leaf=is_mod), strict=True):
+            if is_mod(old):
+                nnx.update(old, nnx.state(new))
 
     def by_name(self) -> dict[str, list[Hit]]:
         out: dict[str, list[Hit]] = {}
@@ -165,16 +191,33 @@ def trace(
         dyn += [_is_array_like(x) for x in jax.tree.leaves(kwargs)]
         dynamic = tuple(dyn)
 
+    stateful = _has_nnx_module((args, kwargs))
+
     def flat_fn(*traced_leaves):
         it = iter(traced_leaves)
         full = [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
         a, k = jax.tree.unflatten(in_tree, full)
-        return fn(*a, **k)
+        out = fn(*a, **k)
+        if not stateful:
+            return out, []
+        after = jax.tree.leaves((a, k))
+        return out, [x for x, d in zip(after, dynamic, strict=True) if d]
 
     inputs = [x for x, d in zip(leaves, dynamic, strict=True) if d]
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*inputs)
+    closed, (out_shape, state_shape) = jax.make_jaxpr(flat_fn, return_shape=True)(*inputs)
     out_tree = jax.tree.structure(out_shape)
-    return Traced(closed, out_tree, tuple(find_hits(closed.jaxpr)), in_tree, dynamic)
+    hits = tuple(find_hits(closed.jaxpr))
+    return Traced(closed, out_tree, hits, in_tree, dynamic, len(state_shape))
+
+
+def _has_nnx_module(tree: Any) -> bool:
+    import sys
+
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return False
+    is_mod = lambda x: isinstance(x, nnx.Module)
+    return any(is_mod(x) for x in jax.tree.leaves(tree, is_leaf=is_mod))
 
 
 def _from_pmap(eqn) -> bool:
