@@ -220,3 +220,16 @@ def test_nnx_train_mode_state_is_written_back():
     closed = fgrad.tap_nnx(lambda x: jnp.sum(model(x) ** 2), model=model)
     with pytest.raises(ValueError, match=r"changes its state in this call.*as an argument"):
         fgrad.grad_intermediates(closed)(x)
+
+
+def test_argnums_on_an_nnx_model_with_integer_variables_matches_nnx_grad():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)
+    model, reference = TrainNet(nnx.Rngs(0)), TrainNet(nnx.Rngs(0))
+    loss = lambda m, x: jnp.sum(m(x) ** 2)
+    expected = nnx.grad(loss)(reference, x)  # gradients of the parameters only
+    taps, grads = fgrad.grad_intermediates(fgrad.tap_nnx(loss, "lin"), argnums=0)(model, x)
+    assert list(taps) == ["lin"]
+    assert_tree_allclose(grads.lin.kernel[...], expected["lin"]["kernel"][...])
+    assert_tree_allclose(grads.bn.scale[...], expected["bn"]["scale"][...])
+    assert grads.calls[...].dtype == jax.dtypes.float0  # an integer leaf: no gradient
+    assert int(model.calls[...]) == int(reference.calls[...]) == 1

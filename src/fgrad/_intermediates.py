@@ -294,12 +294,25 @@ def _vjp(fn, req: _Request, args, kwargs, *, has_aux, argnums):
     caller = req.caller
     nums = None if argnums is None else _checks.normalize_argnums(argnums, len(args), caller)
     diff_args = () if nums is None else tuple(args[i] for i in nums)
-    _checks.require_float_tree(diff_args, caller, "the arguments chosen by argnums")
+    # Integer leaves of nnx modules (counters, RNG state) are held fixed and get no
+    # gradient, as under nnx.grad's Param filter; any other integer leaf is an error.
+    d_leaves, d_tree = jax.tree.flatten(diff_args)
+    fixed = _nnx_integer_leaves(diff_args)
+    _checks.require_float_tree(
+        [x for x, f in zip(d_leaves, fixed, strict=True) if not f],
+        caller,
+        "the arguments chosen by argnums",
+    )
     traced = _trace.trace(fn, args, kwargs, dynamic_argnums=nums or ())
     mask = _out_mask(traced, has_aux, caller)
     sel = _select(traced, traced.inputs(args, kwargs), req, for_grad=True, differentiated=mask)
 
-    def forward(perturb, diff):
+    def with_fixed(float_leaves):
+        it = iter(float_leaves)
+        return [x if f else next(it) for x, f in zip(d_leaves, fixed, strict=True)]
+
+    def forward(perturb, float_leaves):
+        diff = jax.tree.unflatten(d_tree, with_fixed(float_leaves))
         full = list(args)
         for i, a in zip(nums or (), diff, strict=True):
             full[i] = a
@@ -318,12 +331,18 @@ def _vjp(fn, req: _Request, args, kwargs, *, has_aux, argnums):
             return y, (aux, state)
         return out, (None, state)
 
-    out, pullback, (aux, state) = jax.vjp(forward, sel.zeros(), diff_args, has_aux=True)
+    floats = [x for x, f in zip(d_leaves, fixed, strict=True) if not f]
+    out, pullback, (aux, state) = jax.vjp(forward, sel.zeros(), floats, has_aux=True)
     traced.write_back(args, kwargs, state)
 
     def pull(ct):
         conj_ct = jax.tree.map(_conj_if_complex, ct)
-        tap_leaves, arg_grads = pullback(conj_ct)
+        tap_leaves, float_grads = pullback(conj_ct)
+        no_grad = lambda x: np.zeros(np.shape(x), jax.dtypes.float0)  # as jax.grad(allow_int)
+        it = iter(float_grads)
+        arg_grads = jax.tree.unflatten(
+            d_tree, [no_grad(x) if f else next(it) for x, f in zip(d_leaves, fixed, strict=True)]
+        )
         # PyTorch's convention for complex values: the conjugate of JAX's cotangent.
         tap_leaves = jax.tree.map(_conj_if_complex, tap_leaves)
         taps = sel.unflatten(tap_leaves)
@@ -332,6 +351,21 @@ def _vjp(fn, req: _Request, args, kwargs, *, has_aux, argnums):
         return taps, (arg_grads[0] if isinstance(argnums, int) else arg_grads)
 
     return out, pull, aux
+
+
+def _nnx_integer_leaves(tree: Any) -> list[bool]:
+    """Per leaf of ``tree``: whether it is a non-float leaf inside an nnx module."""
+    import sys
+
+    nnx = sys.modules.get("flax.nnx")
+    is_mod = (lambda x: isinstance(x, nnx.Module)) if nnx is not None else (lambda x: False)
+    out: list[bool] = []
+    for node in jax.tree.leaves(tree, is_leaf=is_mod):
+        if is_mod(node):
+            out += [not _checks.is_float(x) for x in jax.tree.leaves(node)]
+        else:
+            out.append(False)
+    return out
 
 
 def _conj_if_complex(x):
