@@ -24,6 +24,7 @@ from flax import errors as flax_errors
 from flax import linen as nn
 from flax import nnx
 
+from fgrad import _trace
 from fgrad._tap import tap
 
 Paths = str | Sequence[str]
@@ -169,6 +170,29 @@ def tap_linen(fn: Callable, paths: Paths = "*", *, method: str = "__call__") -> 
     return wrapped
 
 
+def _call_with_closed_model(fn, model, args, kwargs):
+    """Calls ``fn``, which closes over ``model``, inside an fgrad trace, letting the
+    model's variables change (BatchNorm statistics in train mode, counters): they are made
+    writable at the current trace level for the call, their new values are reported to
+    fgrad's trace (which returns them from the traced program and writes them back), and
+    they are restored, so that no tracer is left in the model."""
+    from flax.nnx import tracers
+
+    variables = [v for _, v in nnx.graph.iter_graph(model) if isinstance(v, nnx.Variable)]
+    saved = [(v, v._trace_state, v.get_value()) for v in variables]
+    try:
+        for v in variables:
+            object.__setattr__(v, "_trace_state", tracers.TraceState())
+        out = fn(*args, **kwargs)
+        changed = [(v, v.get_value()) for v, _, old in saved if v.get_value() is not old]
+        _trace.report_closed_updates(changed)
+        return out
+    finally:
+        for v, state, old in saved:
+            v.set_value(old)
+            object.__setattr__(v, "_trace_state", state)
+
+
 _names = threading.local()  # id(module) -> tap name, while a tap_nnx call runs
 _subclasses: dict[type, type] = {}
 
@@ -260,7 +284,10 @@ def tap_nnx(
                 # but the class swap changes no state and is undone below.
                 object.__setattr__(mod, "__class__", _tapping_subclass(type(mod)))
             try:
-                out = fn(*args, **kwargs)
+                if model is not None and _trace.tracing():
+                    out = _call_with_closed_model(fn, model, args, kwargs)
+                else:
+                    out = fn(*args, **kwargs)
             except flax_errors.TraceContextError as e:
                 if model is None:
                     raise

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,6 +100,9 @@ class Traced:
     # counters) when called: the jaxpr then also returns every traced argument leaf as it
     # is after the call, after fn's own outputs, so the caller can write it back.
     n_state: int = 0
+    # Variables of closed-over nnx models (tap_nnx(..., model=m)) whose values the call
+    # changed: their new values are the last n_closed of the state outputs.
+    closed: tuple[Any, ...] = ()
 
     def split_outputs(self, outs: Sequence[Any]) -> tuple[list, list]:
         """``fn``'s output leaves and the arguments' leaves after the call."""
@@ -109,6 +113,22 @@ class Traced:
         """Updates the nnx modules among ``(args, kwargs)`` to their state after the call,
         as ``nnx.grad`` does (BatchNorm's running statistics, counters, RNG state)."""
         if not self.n_state:
+            return
+        state = list(state)
+        if self.closed:
+            values = state[-len(self.closed) :]
+            if any(isinstance(v, jax.core.Tracer) for v in values):
+                raise ValueError(
+                    "fgrad.tap_nnx: the model given as model=... changed its state (train "
+                    "mode: BatchNorm statistics, counters) inside a jax transformation "
+                    "around fgrad's (jax.jit?), so its new state cannot be written back to "
+                    "a model the function closes over. Pass the model as an argument "
+                    "(tap_nnx(fn, argnum=0)) and use nnx.jit, or call model.eval() first."
+                )
+            for var, value in zip(self.closed, values, strict=True):
+                var.set_value(value)
+            state = state[: -len(self.closed)]
+        if not state:
             return
         from flax import nnx
 
@@ -192,22 +212,51 @@ def trace(
         dynamic = tuple(dyn)
 
     stateful = _has_nnx_module((args, kwargs))
+    updates: list[tuple[Any, Any]] = []
 
     def flat_fn(*traced_leaves):
         it = iter(traced_leaves)
         full = [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
         a, k = jax.tree.unflatten(in_tree, full)
-        out = fn(*a, **k)
-        if not stateful:
-            return out, []
-        after = jax.tree.leaves((a, k))
-        return out, [x for x, d in zip(after, dynamic, strict=True) if d]
+        stack = _closed_updates.__dict__.setdefault("stack", [])
+        stack.append(updates)
+        try:
+            out = fn(*a, **k)
+        finally:
+            stack.pop()
+        state = []
+        if stateful:
+            after = jax.tree.leaves((a, k))
+            state = [x for x, d in zip(after, dynamic, strict=True) if d]
+        return out, state + [v for _, v in updates]
 
     inputs = [x for x, d in zip(leaves, dynamic, strict=True) if d]
     closed, (out_shape, state_shape) = jax.make_jaxpr(flat_fn, return_shape=True)(*inputs)
     out_tree = jax.tree.structure(out_shape)
     hits = tuple(find_hits(closed.jaxpr))
-    return Traced(closed, out_tree, hits, in_tree, dynamic, len(state_shape))
+    closed_vars = tuple(var for var, _ in updates)
+    return Traced(closed, out_tree, hits, in_tree, dynamic, len(state_shape), closed_vars)
+
+
+# While `trace` runs fn: where tap_nnx reports the new values of a closed-over model's
+# variables (a stack, for an fgrad transformation inside another).
+_closed_updates = threading.local()
+
+
+def report_closed_updates(pairs: Sequence[tuple[Any, Any]]) -> bool:
+    """Called by tap_nnx: ``(variable, new value)`` pairs of a closed-over model that the
+    call changed, to become outputs of the traced program and be written back. Returns
+    False when no fgrad trace is running (the caller then cannot serve them)."""
+    stack = getattr(_closed_updates, "stack", None)
+    if not stack:
+        return False
+    stack[-1].extend(pairs)
+    return True
+
+
+def tracing() -> bool:
+    """Whether an fgrad `trace` is running (so closed-over state can be reported)."""
+    return bool(getattr(_closed_updates, "stack", None))
 
 
 def _has_nnx_module(tree: Any) -> bool:
