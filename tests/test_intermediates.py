@@ -401,7 +401,8 @@ def test_layer_applied_twice_split_and_sum_match_torch(mlp):
 
 def test_sum_needs_equal_shapes():
     f = lambda x: jnp.sum(fgrad.tap("h", x)) + jnp.sum(fgrad.tap("h", x[:1]))
-    with pytest.raises(ValueError, match=r"same structure, shapes and dtypes, got \[float32\[2\]\], \[float32\[1\]\]"):
+    dtypes = r"same structure, shapes and dtypes, got \[float32\[2\]\], \[float32\[1\]\]"
+    with pytest.raises(ValueError, match=dtypes):
         fgrad.grad_intermediates(f, on_repeat="sum")(jnp.ones(2))
     assert list(fgrad.grad_intermediates(f, on_repeat="split")(jnp.ones(2))) == ["h#0", "h#1"]
 
