@@ -589,4 +589,4 @@ def vjp_intermediates(
 
 
 for _f in (value_and_grad_intermediates, grad_intermediates, vjp_intermediates):
-    _f.__doc__ = _f.__doc__.format(unused=_UNUSED_DOC)
+    _f.__doc__ = (_f.__doc__ or "").format(unused=_UNUSED_DOC)

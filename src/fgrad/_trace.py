@@ -345,8 +345,8 @@ def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict, shard=
                             "outside the scan, or move the scan outside the shard_map"
                         )
                     else:
-                        local, why = _global_leaf(v.aval, shard, list(shard.sizes))
-                        local = local or tuple(v.aval.shape)
+                        shape, why = _global_leaf(v.aval, shard, list(shard.sizes))
+                        local = shape or local
                 shapes.append(jax.ShapeDtypeStruct((*stack, *local), v.aval.dtype))
             hits.append(
                 Hit(eqn.params["name"], (*prefix, i), eqn.params["tree"], tuple(shapes), why)
@@ -477,6 +477,7 @@ def _tap_arity(jaxpr, path: Path) -> int:
         eqn = j.eqns[rest.pop(0)]
         if rest:
             j = _as_open(_sub_jaxprs(eqn.params)[rest.pop(0)])[0]
+    assert eqn is not None
     return len(eqn.invars)
 
 
