@@ -694,8 +694,8 @@ def _run_shard_map(eqn, invals, path, plan, perturb, record, sites):
         mesh=params["mesh"],
         in_specs=(*params["in_specs"], *p_specs),
         out_specs=(*params["out_specs"], *rec_specs),
-        axis_names=set(params["newly_manual_axes"]),
-        check_vma=params["check_vma"],
+        axis_names=set(params.get("newly_manual_axes", params.get("axis_names", ()))),
+        check_vma=params.get("check_vma", True),
     )(*invals, *p_leaves)
     outs, extra = list(res[:n_out]), iter(res[n_out:])
     rec = {k: [next(extra) for _ in avals[k]] for k in keys} if record else None
