@@ -111,7 +111,7 @@ def test_errors(cnn):
     x = jnp.asarray(nhwc(X))
     with pytest.raises(ValueError, match=r"no submodule path matches 'conv3'.*'conv1', 'bn'"):
         fgrad.tap_linen(LinenCNN().apply, ["conv1", "conv3"])(v, x)
-    with pytest.raises(TypeError, match="paths must be a module path"):
+    with pytest.raises(TypeError, match="paths must be a submodule path"):
         fgrad.tap_linen(LinenCNN().apply, [])
     model = NnxCNN()
     with pytest.raises(ValueError, match=r"no submodule path matches 'head'"):
@@ -120,3 +120,118 @@ def test_errors(cnn):
         fgrad.tap_nnx(lambda x, m: m(x), argnum=1)(x, v)
     with pytest.raises(ValueError, match="argnum=2"):
         fgrad.tap_nnx(lambda m, x: m(x), argnum=2)(model, x)
+
+
+# --- globs, modules that never ran, unclear errors ----------------------------------------
+
+
+class Block(ln.Module):
+    @ln.compact
+    def __call__(self, x):
+        return ln.Dense(2, name="inner")(jnp.tanh(ln.Dense(2, name="Dense_0")(x)))
+
+
+class Outer(ln.Module):
+    @ln.compact
+    def __call__(self, x):
+        x = Block(name="block_0")(x)
+        return jnp.sum(Block(name="block_1")(x) ** 2)
+
+
+def test_glob_star_stops_at_slash_and_double_star_crosses_it():
+    x = jnp.ones((1, 2))
+    v = Outer().init(jax.random.key(0), x)
+    names = lambda pat: sorted(fgrad.intermediates(fgrad.tap_linen(Outer().apply, pat))(v, x)[1])
+    assert names("block_*") == ["block_0", "block_1"]
+    assert names("block_*/*") == [f"block_{i}/{n}" for i in (0, 1) for n in ("Dense_0", "inner")]
+    assert names("**/inner") == ["block_0/inner", "block_1/inner"]
+    assert names("block_1/**") == ["block_1/Dense_0", "block_1/inner"]
+    assert len(names("*")) == 6  # a lone '*' is every submodule
+    with pytest.raises(ValueError, match=r"no submodule path matches 'inner'.*'\*\*'"):
+        names("inner")
+    m = nnx.Sequential(
+        nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), jnp.tanh),
+        nnx.Linear(2, 1, rngs=nnx.Rngs(1)),
+    )
+    f = lambda pat: fgrad.intermediates(fgrad.tap_nnx(lambda m, x: jnp.sum(m(x)), pat))(m, x)
+    assert sorted(f("layers/*")[1]) == ["layers/0", "layers/1"]
+    assert sorted(f("layers/0/**")[1]) == ["layers/0/layers/0"]
+
+
+def test_tap_nnx_on_a_function_that_rebuilds_the_model_raises():
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    seq = nnx.Sequential(model)
+
+    def rebuilt(x):  # runs a copy of the model, never `seq` itself
+        return jnp.sum(nnx.merge(graphdef, state)(x))
+
+    f = fgrad.tap_nnx(rebuilt, "layers/0", model=seq)
+    with pytest.raises(ValueError, match=r"no submodule matching 'layers/0' ran.*nnx\.merge"):
+        fgrad.grad_intermediates(f)(jnp.ones((1, 2)))
+
+
+def test_unclear_errors_made_clear():
+    x = jnp.ones((1, 2))
+    v = Outer().init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match=r"paths must be a submodule path .*got 0 \(int\)"):
+        fgrad.tap_linen(Outer().apply, 0)
+    with pytest.raises(
+        ValueError, match=r"method='forward', but no submodule's 'forward' ran.*'__call__'"
+    ):
+        fgrad.tap_linen(Outer().apply, method="forward")(v, x)
+
+
+# --- nnx in train mode: module state written back, as nnx.grad does ----------------------
+
+
+class TrainNet(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.calls = nnx.Variable(jnp.int32(0))  # an integer variable
+
+    def __call__(self, x):
+        self.calls[...] = self.calls[...] + 1
+        return self.bn(self.lin(x))
+
+
+def test_nnx_train_mode_state_is_written_back():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+    model, reference = TrainNet(nnx.Rngs(0)), TrainNet(nnx.Rngs(0))
+    model.train()
+    reference.train()
+    y = reference(x)  # one train-mode call: the statistics PyTorch/nnx would hold after it
+    loss = fgrad.tap_nnx(lambda m, x: jnp.sum(m(x) ** 2), "*")
+    grads = fgrad.grad_intermediates(loss)(model, x)
+    assert_tree_allclose(grads["bn"], 2.0 * y)
+    assert_tree_allclose(model.bn.mean[...], reference.bn.mean[...])
+    assert_tree_allclose(model.bn.var[...], reference.bn.var[...])
+    assert int(model.calls[...]) == 1
+    fgrad.intermediates(loss)(model, x)  # a second call moves them again
+    reference(x)
+    assert_tree_allclose(model.bn.mean[...], reference.bn.mean[...])
+    assert int(model.calls[...]) == 2
+    # closed over instead of passed: served too, its state written back
+    closed = fgrad.tap_nnx(lambda x: jnp.sum(model(x) ** 2), model=model)
+    grads = fgrad.grad_intermediates(closed)(x)
+    y = reference(x)
+    assert_tree_allclose(grads["bn"], 2.0 * y)
+    assert_tree_allclose(model.bn.mean[...], reference.bn.mean[...])
+    assert int(model.calls[...]) == 3
+    with pytest.raises(ValueError, match=r"changed its state .*jax\.jit.*as an argument"):
+        jax.jit(fgrad.grad_intermediates(closed))(x)
+    assert not isinstance(model.bn.mean[...], jax.core.Tracer)  # nothing leaked
+
+
+def test_argnums_on_an_nnx_model_with_integer_variables_matches_nnx_grad():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)
+    model, reference = TrainNet(nnx.Rngs(0)), TrainNet(nnx.Rngs(0))
+    loss = lambda m, x: jnp.sum(m(x) ** 2)
+    expected = nnx.grad(loss)(reference, x)  # gradients of the parameters only
+    taps, grads = fgrad.grad_intermediates(fgrad.tap_nnx(loss, "lin"), argnums=0)(model, x)
+    assert list(taps) == ["lin"]
+    assert_tree_allclose(grads.lin.kernel[...], expected["lin"]["kernel"][...])
+    assert_tree_allclose(grads.bn.scale[...], expected["bn"]["scale"][...])
+    assert grads.calls[...].dtype == jax.dtypes.float0  # an integer leaf: no gradient
+    assert int(model.calls[...]) == int(reference.calls[...]) == 1

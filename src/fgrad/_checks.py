@@ -125,3 +125,18 @@ def first_structure_difference(expected: Any, got: Any, *, none_ok: bool = False
     except (ValueError, TypeError):
         return " has other container types than expected (e.g. a list where a tuple is)"
     return None
+
+
+def describe_tree(tree: Any) -> str:
+    """A short description of a pytree of arrays for an error message: its leaves' shapes
+    and dtypes by path, e.g. ``"(a tuple) [0]: float32(2, 3)"``."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    if not leaves:
+        return f"an empty {type(tree).__name__}"
+    parts = []
+    for path, leaf in leaves[:6]:
+        where = jax.tree_util.keystr(path) or "the value"
+        dtype = getattr(leaf, "dtype", type(leaf).__name__)
+        parts.append(f"{where}: {dtype}{tuple(jnp.shape(leaf))}")
+    more = f", ... ({len(leaves)} leaves)" if len(leaves) > 6 else ""
+    return "{" + ", ".join(parts) + more + "}"

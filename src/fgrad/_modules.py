@@ -5,18 +5,26 @@ submodule's output without editing the model's code. For linen the outputs are c
 with ``flax.linen.intercept_methods``; for nnx the chosen submodule objects are given,
 for the duration of the call, a subclass whose ``__call__`` taps its result. Each tap is
 named by the module's path (``"Dense_0"``, ``"block/Conv_1"``, ``"layers/2"``).
+
+Paths are chosen by glob patterns as file paths are: ``*`` and ``?`` stop at ``/``,
+``**`` crosses it, ``[seq]`` is a character class. ``"ResNetBlock_*"`` is every block but
+not the layers inside them, ``"ResNetBlock_*/*"`` the layers directly inside a block,
+``"**"`` every submodule at any depth, as does ``"*"`` for the default of tapping every
+submodule (a lone ``"*"`` keeps its historical meaning: every submodule).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
+import re
 import threading
 from collections.abc import Callable, Sequence
 
+from flax import errors as flax_errors
 from flax import linen as nn
 from flax import nnx
 
+from fgrad import _trace
 from fgrad._tap import tap
 from fgrad._typing import P, R
 
@@ -24,26 +32,70 @@ Paths = str | Sequence[str]
 
 
 def _patterns(paths: Paths, caller: str) -> list[str]:
-    pats = [paths] if isinstance(paths, str) else list(paths)
-    if not pats or not all(isinstance(p, str) and p for p in pats):
+    pats = [paths] if isinstance(paths, str) else paths
+    ok = isinstance(pats, (list, tuple)) and pats and all(isinstance(p, str) and p for p in pats)
+    if not ok:
         raise TypeError(
-            f"{caller}: paths must be a module path or glob pattern (e.g. 'Dense_0', "
-            f"'block/*'), or a non-empty sequence of them; got {paths!r}."
+            f"{caller}: paths must be a submodule path (a string such as 'Dense_0' or "
+            f"'block/Conv_1', as the model's submodules are named) or glob pattern ('*', "
+            f"'block_*/**'), or a non-empty list or tuple of them; got {paths!r} "
+            f"({type(paths).__name__})."
         )
-    return pats
+    return list(pats)
+
+
+@functools.lru_cache(maxsize=256)
+def _glob(pattern: str) -> re.Pattern:
+    """A path glob as a regex: ``*`` and ``?`` stop at ``/``, ``**`` crosses it."""
+    if pattern == "*":  # every submodule, at any depth: tap_linen/tap_nnx's default
+        return re.compile(r".+")
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append(r"(?:.*/)?")  # zero or more whole path segments
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(r".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append(r"[^/]*")
+        elif c == "?":
+            out.append(r"[^/]")
+        elif c == "[" and pattern.find("]", i + 2) != -1:
+            j = pattern.find("]", i + 2)
+            body = pattern[i + 1 : j]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = j + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
+def _match(path: str, pattern: str) -> bool:
+    return _glob(pattern).fullmatch(path) is not None
 
 
 def _matches(path: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+    return any(_match(path, p) for p in patterns)
 
 
 def _check_all_matched(patterns, seen: Sequence[str], caller: str) -> None:
-    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(s, p) for s in seen)]
+    missing = [p for p in patterns if not any(_match(s, p) for s in seen)]
     if missing:
         listed = ", ".join(repr(s) for s in dict.fromkeys(seen)) or "none"
+        hint = ""
+        if "/" not in missing[0] and any("/" in s for s in seen):
+            hint = " ('*' does not cross '/': use '**' for any depth, e.g. '**/Conv_0')"
         raise ValueError(
             f"{caller}: no submodule path matches {missing[0]!r}; the model's submodule paths "
-            f"are: {listed}."
+            f"are: {listed}.{hint}"
         )
 
 
@@ -59,9 +111,12 @@ def tap_linen(
 
     Args:
       fn: a function that applies a linen model, typically ``model.apply``.
-      paths: a module path (``"Dense_0"``, ``"encoder/layer_1"``) or glob pattern
-        (``"*"``: every submodule; ``"block_*/Conv_0"``), or a sequence of them. Each
-        pattern must match at least one submodule.
+      paths: a module path (``"Dense_0"``, ``"encoder/layer_1"``) or glob pattern, or a
+        sequence of them. In a pattern ``*`` stops at ``/`` and ``**`` crosses it:
+        ``"block_*"`` is every block but not the layers inside, ``"block_*/**"`` all
+        inside them, ``"**/Conv_0"`` every ``Conv_0`` at any depth; a lone ``"*"`` (the
+        default) is every submodule. Each pattern must match at least one submodule
+        that ran.
       method: the module method whose result is tapped.
 
     Returns:
@@ -82,12 +137,19 @@ def tap_linen(
     caller = "fgrad.tap_linen"
     patterns = _patterns(paths, caller)
 
+    if not isinstance(method, str) or not method:
+        raise TypeError(
+            f"{caller}: method must be a method name such as '__call__', got {method!r}."
+        )
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         seen: list[str] = []
+        methods: set[str] = set()
 
         def interceptor(next_fun, a, k, context):
             out = next_fun(*a, **k)
+            methods.add(context.method_name)
             if context.method_name != method:
                 return out
             path = "/".join(context.module.path)
@@ -98,10 +160,40 @@ def tap_linen(
 
         with nn.intercept_methods(interceptor):
             out = fn(*args, **kwargs)
+        if not seen and methods and method not in methods:
+            ran = ", ".join(repr(m) for m in sorted(methods))
+            raise ValueError(
+                f"{caller}: method={method!r}, but no submodule's {method!r} ran; the "
+                f"methods that ran are: {ran}. (PyTorch's forward is linen's __call__, the "
+                "default.)"
+            )
         _check_all_matched(patterns, seen, caller)
         return out
 
     return wrapped
+
+
+def _call_with_closed_model(fn, model, args, kwargs):
+    """Calls ``fn``, which closes over ``model``, inside an fgrad trace, letting the
+    model's variables change (BatchNorm statistics in train mode, counters): they are made
+    writable at the current trace level for the call, their new values are reported to
+    fgrad's trace (which returns them from the traced program and writes them back), and
+    they are restored, so that no tracer is left in the model."""
+    from flax.nnx import tracers
+
+    variables = [v for _, v in nnx.graph.iter_graph(model) if isinstance(v, nnx.Variable)]
+    saved = [(v, v._trace_state, v.get_value()) for v in variables]
+    try:
+        for v in variables:
+            object.__setattr__(v, "_trace_state", tracers.TraceState())
+        out = fn(*args, **kwargs)
+        changed = [(v, v.get_value()) for v, _, old in saved if v.get_value() is not old]
+        _trace.report_closed_updates(changed)
+        return out
+    finally:
+        for v, state, old in saved:
+            v.set_value(old)
+            object.__setattr__(v, "_trace_state", state)
 
 
 _names = threading.local()  # id(module) -> tap name, while a tap_nnx call runs
@@ -115,7 +207,10 @@ def _tapping_subclass(cls: type) -> type:
         def __call__(self, *args, **kwargs):
             out = cls.__call__(self, *args, **kwargs)
             name = getattr(_names, "by_id", {}).get(id(self))
-            return out if name is None else tap(name, out)
+            if name is None:
+                return out
+            _names.ran.add(name)
+            return tap(name, out)
 
         _subclasses[cls] = type(cls)(cls.__name__, (cls,), {"__call__": __call__})
     return _subclasses[cls]
@@ -132,8 +227,11 @@ def tap_nnx(
 
     Args:
       fn: a function that calls the model.
-      paths: a submodule path or glob pattern (``"*"``: every submodule), or a sequence
-        of them. Each pattern must match at least one submodule.
+      paths: a submodule path or glob pattern, or a sequence of them; globs as in
+        `tap_linen` (``*`` stops at ``/``, ``**`` crosses it, a lone ``"*"`` is every
+        submodule). Each pattern must match at least one submodule of the model, and one
+        that ran: a function that calls another copy of the model (rebuilt with
+        ``nnx.merge``) is an error, not an empty result.
       argnum: which positional argument of ``fn`` is the model (nnx modules are pytrees,
         so inside a JAX transformation ``fn`` receives a copy: the copy is tapped).
       model: the model, when ``fn`` closes over it instead of taking it as an argument.
@@ -177,8 +275,9 @@ def tap_nnx(
         ]
         _check_all_matched(patterns, [p for p, _ in found], caller)
         chosen = [(p, mod) for p, mod in found if _matches(p, patterns)]
-        by_id = getattr(_names, "by_id", None)
+        by_id, ran = getattr(_names, "by_id", None), getattr(_names, "ran", None)
         _names.by_id = dict(by_id or {})
+        _names.ran = set()
         originals = []
         try:
             for p, mod in chosen:
@@ -187,10 +286,39 @@ def tap_nnx(
                 # object.__setattr__: nnx refuses attribute writes from inside a trace,
                 # but the class swap changes no state and is undone below.
                 object.__setattr__(mod, "__class__", _tapping_subclass(type(mod)))
-            return fn(*args, **kwargs)
+            try:
+                if model is not None and _trace.tracing():
+                    out = _call_with_closed_model(fn, model, args, kwargs)
+                else:
+                    out = fn(*args, **kwargs)
+            except flax_errors.TraceContextError as e:
+                if model is None:
+                    raise
+                raise ValueError(
+                    f"{caller}: the model given as model=... changes its state in this call "
+                    "(train mode: BatchNorm statistics, Dropout's RNG count, a counter), and "
+                    "a model the function closes over cannot be written to from inside the "
+                    "transformation. Pass the model as an argument instead (tap_nnx(fn, "
+                    "argnum=0), fn(model, ...)): fgrad then writes its new state back, as "
+                    "nnx.grad does. Or call model.eval() first."
+                ) from e
         finally:
             for mod, cls in originals:
                 object.__setattr__(mod, "__class__", cls)
-            _names.by_id = by_id
+            ran_here = _names.ran
+            _names.by_id, _names.ran = by_id, ran
+            if ran is not None:  # an enclosing tap_nnx saw these run too
+                ran |= ran_here
+        never = [p for p in patterns if not any(_match(r, p) for r in ran_here)]
+        if never:
+            raise ValueError(
+                f"{caller}: no submodule matching {never[0]!r} ran while the function was "
+                "called, though the model given has such submodules. Does the function "
+                "call another copy of the model (nnx.merge(graphdef, state), nnx.jit, a "
+                "clone)? tap_nnx taps the model object it is given: pass the function that "
+                "calls that object (argnum=..., or model=... if it closes over it), or call "
+                "tap_nnx inside the function on the model it rebuilds."
+            )
+        return out
 
     return wrapped

@@ -75,6 +75,12 @@ def tap(name: str, x: T) -> T:
     the gradient of the output with respect to it. Outside those transformations it costs
     nothing: it compiles to no operation at all.
 
+    The gradient is with respect to the tapped *value*, through all of its uses, as
+    ``retain_grad`` counts them: the tap may be written as a statement
+    (``fgrad.tap("h", h)``, its result discarded), and ``h`` may be used beside the tap's
+    result. A tap inside a ``lax.scan`` body or a ``lax.cond`` branch of a value from
+    outside it counts the uses in that step or branch.
+
     Args:
       name: the name the value is reported under. A name may be used once per call of the
         function being transformed.
