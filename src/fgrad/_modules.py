@@ -5,6 +5,8 @@ submodule's output without editing the model's code. For linen the outputs are c
 with ``flax.linen.intercept_methods``; for nnx the chosen submodule objects are given,
 for the duration of the call, a subclass whose ``__call__`` taps its result. Each tap is
 named by the module's path (``"Dense_0"``, ``"block/Conv_1"``, ``"layers/2"``).
+With ``inputs=``, chosen submodules also have their inputs tapped (PyTorch's
+``register_forward_pre_hook``), named by the path and ``":in"`` (``"Dense_0:in"``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,31 @@ import functools
 import threading
 from collections.abc import Callable, Sequence
 
+import jax
+import numpy as np
 from flax import linen as nn
 from flax import nnx
 
 from fgrad._tap import tap
 
 Paths = str | Sequence[str]
+
+INPUT_SUFFIX = ":in"  # a module's input tap is named f"{path}{INPUT_SUFFIX}"
+
+
+def _tap_inputs(name: str, args: tuple) -> tuple:
+    """``args`` with its array arguments tapped as ``name``: the array itself when there
+    is one, else the tuple of them."""
+    where = [i for i, a in enumerate(args) if isinstance(a, jax.Array | np.ndarray)]
+    if not where:
+        return args
+    new = list(args)
+    if len(where) == 1:
+        new[where[0]] = tap(name, args[where[0]])
+    else:
+        for i, x in zip(where, tap(name, tuple(args[i] for i in where)), strict=True):
+            new[i] = x
+    return tuple(new)
 
 
 def _patterns(paths: Paths, caller: str) -> list[str]:
@@ -46,7 +67,9 @@ def _check_all_matched(patterns, seen: Sequence[str], caller: str) -> None:
         )
 
 
-def tap_linen(fn: Callable, paths: Paths = "*", *, method: str = "__call__") -> Callable:
+def tap_linen(
+    fn: Callable, paths: Paths = "*", *, method: str = "__call__", inputs: Paths | None = None
+) -> Callable:
     """Taps the outputs of chosen submodules of a Flax linen model, unmodified.
 
     The linen equivalent of ``module.register_forward_hook`` for
@@ -60,6 +83,9 @@ def tap_linen(fn: Callable, paths: Paths = "*", *, method: str = "__call__") -> 
         (``"*"``: every submodule; ``"block_*/Conv_0"``), or a sequence of them. Each
         pattern must match at least one submodule.
       method: the module method whose result is tapped.
+      inputs: also tap the inputs of the submodules matching these paths or patterns
+        (``register_forward_pre_hook``): the array positional arguments of ``method``
+        (the array, or a tuple of them), named ``"<path>:in"``.
 
     Returns:
       ``fn`` with the outputs tapped, named by module path.
@@ -78,12 +104,16 @@ def tap_linen(fn: Callable, paths: Paths = "*", *, method: str = "__call__") -> 
     """
     caller = "fgrad.tap_linen"
     patterns = _patterns(paths, caller)
+    in_patterns = [] if inputs is None else _patterns(inputs, caller)
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         seen: list[str] = []
 
         def interceptor(next_fun, a, k, context):
+            at = "/".join(context.module.path)
+            if at and context.method_name == method and _matches(at, in_patterns):
+                a = _tap_inputs(at + INPUT_SUFFIX, tuple(a))
             out = next_fun(*a, **k)
             if context.method_name != method:
                 return out
@@ -96,6 +126,7 @@ def tap_linen(fn: Callable, paths: Paths = "*", *, method: str = "__call__") -> 
         with nn.intercept_methods(interceptor):
             out = fn(*args, **kwargs)
         _check_all_matched(patterns, seen, caller)
+        _check_all_matched(in_patterns, seen, caller)
         return out
 
     return wrapped
@@ -110,6 +141,9 @@ def _tapping_subclass(cls: type) -> type:
     if cls not in _subclasses:
 
         def __call__(self, *args, **kwargs):
+            in_name = getattr(_names, "inputs_by_id", {}).get(id(self))
+            if in_name is not None:
+                args = _tap_inputs(in_name, args)
             out = cls.__call__(self, *args, **kwargs)
             name = getattr(_names, "by_id", {}).get(id(self))
             return out if name is None else tap(name, out)
@@ -119,7 +153,12 @@ def _tapping_subclass(cls: type) -> type:
 
 
 def tap_nnx(
-    fn: Callable, paths: Paths = "*", *, argnum: int = 0, model: nnx.Module | None = None
+    fn: Callable,
+    paths: Paths = "*",
+    *,
+    argnum: int = 0,
+    model: nnx.Module | None = None,
+    inputs: Paths | None = None,
 ) -> Callable:
     """Taps the outputs of chosen submodules of a Flax nnx model, unmodified.
 
@@ -134,6 +173,9 @@ def tap_nnx(
       argnum: which positional argument of ``fn`` is the model (nnx modules are pytrees,
         so inside a JAX transformation ``fn`` receives a copy: the copy is tapped).
       model: the model, when ``fn`` closes over it instead of taking it as an argument.
+      inputs: also tap the inputs of the submodules matching these paths or patterns
+        (``register_forward_pre_hook``): the array positional arguments of ``__call__``
+        (the array, or a tuple of them), named ``"<path>:in"``.
 
     Returns:
       ``fn`` with the outputs tapped, named by submodule path.
@@ -151,6 +193,7 @@ def tap_nnx(
     """
     caller = "fgrad.tap_nnx"
     patterns = _patterns(paths, caller)
+    in_patterns = [] if inputs is None else _patterns(inputs, caller)
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -173,13 +216,19 @@ def tap_nnx(
             if path and callable(mod)
         ]
         _check_all_matched(patterns, [p for p, _ in found], caller)
-        chosen = [(p, mod) for p, mod in found if _matches(p, patterns)]
+        _check_all_matched(in_patterns, [p for p, _ in found], caller)
+        chosen = [(p, mod) for p, mod in found if _matches(p, [*patterns, *in_patterns])]
         by_id = getattr(_names, "by_id", None)
+        inputs_by_id = getattr(_names, "inputs_by_id", None)
         _names.by_id = dict(by_id or {})
+        _names.inputs_by_id = dict(inputs_by_id or {})
         originals = []
         try:
             for p, mod in chosen:
-                _names.by_id[id(mod)] = p
+                if _matches(p, patterns):
+                    _names.by_id[id(mod)] = p
+                if _matches(p, in_patterns):
+                    _names.inputs_by_id[id(mod)] = p + INPUT_SUFFIX
                 originals.append((mod, type(mod)))
                 # object.__setattr__: nnx refuses attribute writes from inside a trace,
                 # but the class swap changes no state and is undone below.
@@ -189,5 +238,6 @@ def tap_nnx(
             for mod, cls in originals:
                 object.__setattr__(mod, "__class__", cls)
             _names.by_id = by_id
+            _names.inputs_by_id = inputs_by_id
 
     return wrapped

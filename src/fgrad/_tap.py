@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import jet
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -39,8 +40,11 @@ def _tap_lowering(ctx, *leaves, name, tree):
 
 
 def _tap_jvp(primals, tangents, *, name, tree):
-    # The tangent passes through untouched: a tap never changes a derivative.
-    return tap_p.bind(*primals, name=name, tree=tree), list(tangents)
+    # The tangent passes through untouched: a tap never changes a derivative. The primal
+    # is also named for jax.checkpoint's policies (save_only_these_names(name), ...),
+    # which look at the differentiated program: an identity that compiles to nothing.
+    outs = tap_p.bind(*primals, name=name, tree=tree)
+    return [checkpoint_name(o, name) for o in outs], list(tangents)
 
 
 def _tap_transpose(cts, *leaves, name, tree):
