@@ -263,3 +263,235 @@ def test_conv_forward_pre_hook_matches_torch(cnn):
     value, gx = jax.value_and_grad(hooked, argnums=1)(*args)
     assert_tree_allclose(value, loss_t)
     assert_tree_allclose(gx, nhwc(x_t.grad), rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Activation patching: one attention head's output replaced with its value on another input
+
+D, HEADS, SEQ = 8, 2, 5
+
+
+class TorchAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(D, 3 * D)
+        self.out = torch.nn.Linear(D, D)
+        self.hook_z = torch.nn.Identity()  # a hook point on the heads' outputs
+
+    def forward(self, x):  # (B, T, D)
+        b, t, _ = x.shape
+        q, k, v = (a.reshape(b, t, HEADS, D // HEADS) for a in self.qkv(x).chunk(3, -1))
+        att = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / (D // HEADS) ** 0.5, -1)
+        z = self.hook_z(torch.einsum("bhqk,bkhd->bqhd", att, v))
+        return x + self.out(z.reshape(b, t, D))
+
+
+def attention(p, x):
+    b, t, _ = x.shape
+    qkv = x @ p["qkv.weight"].T + p["qkv.bias"]
+    q, k, v = (a.reshape(b, t, HEADS, D // HEADS) for a in jnp.split(qkv, 3, -1))
+    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / (D // HEADS) ** 0.5, -1)
+    z = fgrad.tap("z", jnp.einsum("bhqk,bkhd->bqhd", att, v))
+    return x + z.reshape(b, t, D) @ p["out.weight"].T + p["out.bias"]
+
+
+def test_activation_patching_one_head_matches_torch_forward_hook():
+    torch.manual_seed(0)
+    block = TorchAttention()
+    clean, corrupt = (RNG.normal(size=(2, SEQ, D)).astype(np.float32) for _ in range(2))
+    readout = RNG.normal(size=(D,)).astype(np.float32)
+    head = 1
+    cache = {}
+    h = block.hook_z.register_forward_hook(lambda m, i, o: cache.setdefault("z", o.detach()))
+    block(T(corrupt))
+    h.remove()
+
+    def patch(m, i, o):
+        o = o.clone()
+        o[:, :, head] = cache["z"][:, :, head]
+        return o
+
+    base_t = (block(T(clean)) @ T(readout)).sum()
+    h = block.hook_z.register_forward_hook(patch)
+    patched_t = (block(T(clean)) @ T(readout)).sum()
+    patched_t.backward()
+    h.remove()
+
+    p = tt.to_jax(block)
+    score = lambda p, x: jnp.sum(attention(p, x) @ jnp.asarray(readout))
+    _, taps = fgrad.intermediates(score, "z")(p, jnp.asarray(corrupt))
+    hooked = fgrad.with_hooks(
+        score, forward={"z": lambda z: z.at[:, :, head].set(taps["z"][:, :, head])}
+    )
+    patched, grads = jax.jit(jax.value_and_grad(hooked))(p, jnp.asarray(clean))
+    base = score(p, jnp.asarray(clean))
+    assert_tree_allclose(patched - base, patched_t - base_t, rtol=1e-4, atol=1e-5)
+    assert_tree_allclose(
+        grads, {k: v.grad for k, v in block.named_parameters()}, rtol=1e-4, atol=1e-6
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Identity hooks cost nothing; tap names serve checkpoint policies
+
+
+def hlo_ops(fn, *args) -> list[str]:
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return sorted(re.findall(r"=\s*[^=]*?\s([a-z][\w-]*)\(", text))
+
+
+def test_identity_hooks_compile_to_the_unhooked_program():
+    args = (
+        tt.to_jax(
+            torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        ),
+        jnp.asarray(X_MLP),
+        jnp.asarray(Y_MLP),
+    )
+    ident = fgrad.with_hooks(
+        mlp_loss, forward={"h": lambda v: v}, backward={"h": lambda g, value,: g}
+    )
+    plain_ops = hlo_ops(jax.value_and_grad(mlp_loss), *args)
+    assert plain_ops == hlo_ops(jax.value_and_grad(ident), *args)
+    assert len(plain_ops) > 10
+    # Not vacuous: a hook that does something shows up.
+    scaled = fgrad.with_hooks(mlp_loss, backward={"h": lambda g: g * 2.0})
+    assert hlo_ops(jax.value_and_grad(scaled), *args) != plain_ops
+
+
+def test_tap_names_serve_checkpoint_policies(capsys):
+    def f(w, x):
+        h = fgrad.tap("h", jnp.sin(w * x))
+        k = fgrad.tap("k", jnp.cos(h * w))
+        return jnp.sum(jnp.sin(k * w))
+
+    hooked = fgrad.with_hooks(f, backward={"k": lambda g: 2.0 * g})
+    x = jnp.arange(3.0)
+    policies = jax.checkpoint_policies
+    for fn in (f, hooked):
+        for name in ("h", "k"):
+            print_saved_residuals(
+                jax.checkpoint(fn, policy=policies.save_only_these_names(name)), 2.0, x
+            )
+            saved = capsys.readouterr().out
+            assert f"named '{name}'" in saved and "named" not in saved.replace(
+                f"named '{name}'", ""
+            )
+        print_saved_residuals(jax.checkpoint(fn, policy=policies.nothing_saveable), 2.0, x)
+        assert "named" not in capsys.readouterr().out
+        offload = policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=["h"],
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+        print_saved_residuals(jax.checkpoint(fn, policy=offload), 2.0, x)
+        assert "f32<host>[3]" in capsys.readouterr().out
+        assert_tree_allclose(
+            jax.grad(jax.checkpoint(fn, policy=offload))(2.0, x), jax.grad(fn)(2.0, x)
+        )
+    # x reaches the output only through k: its whole gradient passes the hook.
+    assert_tree_allclose(jax.grad(hooked, 1)(2.0, x), jax.grad(f, 1)(2.0, x) * 2.0)
+
+
+# --------------------------------------------------------------------------------------
+# Patterns and errors
+
+
+def test_patterns_are_globs_over_tap_names():
+    def f(x):
+        a = fgrad.tap("block/0/out", x * 2.0)
+        b = fgrad.tap("block/0/inner/out", a * 3.0)
+        return jnp.sum(fgrad.tap("head", b))
+
+    x = jnp.ones(2)
+    grad_of = lambda pattern: jax.grad(fgrad.with_hooks(f, backward={pattern: lambda g: 10.0 * g}))(
+        x
+    )
+    assert_tree_allclose(grad_of("block/*/out"), jnp.full(2, 60.0))  # * stays in a segment
+    assert_tree_allclose(grad_of("block/**"), jnp.full(2, 600.0))  # ** crosses them
+    assert_tree_allclose(grad_of("**/out"), jnp.full(2, 600.0))
+    assert_tree_allclose(grad_of("h?ad"), jnp.full(2, 60.0))
+
+
+def with_while(x):
+    return jax.lax.while_loop(
+        lambda c: c[0] < 3, lambda c: (c[0] + 1, fgrad.tap("w", c[1] * 2.0)), (0, x)
+    )[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (
+            {"forward": {"h": lambda v: v[:1]}},
+            ValueError,
+            r"fgrad.with_hooks: the forward hook for tap 'h' \(pattern 'h'\) gave "
+            r"float32\[1\], but the tap's value is float32\[2\]",
+        ),
+        (
+            {"forward": {"h": lambda v: v.astype(jnp.int32)}},
+            ValueError,
+            r"gave int32\[2\].*float32\[2\]",
+        ),
+        ({"forward": {"h": lambda v: (v, v)}}, ValueError, r"gave \(float32\[2\], float32\[2\]\)"),
+        (
+            {"backward": {"h": lambda g: g.sum()}},
+            ValueError,
+            r"backward hook for tap 'h'.*gave float32\[\], but the tap's gradient is float32\[2\]",
+        ),
+        ({"backward": {"i": lambda g: g}}, TypeError, r"matches tap 'i', which holds int32"),
+        (
+            {"backward": {"h": "reverse"}},
+            TypeError,
+            r"is a str, which is neither callable nor an array",
+        ),
+        (
+            {"forward": {"nope*": lambda v: v}},
+            ValueError,
+            r"'nope\*' matches no tap.*taps are: 'i', 'h'",
+        ),
+        (
+            {"forward": {"h": lambda v, step: v}},
+            ValueError,
+            r"asks for `step`.*not inside a lax.scan",
+        ),
+        ({"forward": {"h": lambda v, value: v}}, TypeError, r"asks for `value`"),
+    ],
+)
+def test_errors(kwargs, error, match):
+    def f(x):
+        i = fgrad.tap("i", jnp.arange(2))
+        return jnp.sum(fgrad.tap("h", x * 2.0) * i.astype(jnp.float32))
+
+    with pytest.raises(error, match=match):
+        jax.grad(fgrad.with_hooks(f, **kwargs))(jnp.ones(2))
+
+
+def test_hook_inside_while_loop_is_refused():
+    with pytest.raises(
+        ValueError, match=r"tap 'w' is hooked but cannot be served: it is inside lax.while_loop"
+    ):
+        fgrad.with_hooks(with_while, backward={"w": lambda g: g})(jnp.ones(2))
+
+
+def test_nnx_input_taps_and_a_module_called_twice():
+    from flax import nnx
+
+    class Twice(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return jnp.sum(self.lin(jnp.tanh(self.lin(x))))
+
+    model, x = Twice(), jnp.asarray(RNG.normal(size=(2, 3)).astype(np.float32))
+    model.lin.bias[...] = jnp.array([0.3, -0.2, 0.5])
+    fn = fgrad.tap_nnx(lambda m, x: m(x), "lin", inputs="lin")
+    _, acts = fgrad.intermediates(fn, on_repeat="split")(model, x)
+    w, b = model.lin.kernel[...], model.lin.bias[...]
+    assert_tree_allclose(acts["lin:in#0"], x)
+    assert_tree_allclose(acts["lin:in#1"], jnp.tanh(x @ w + b))
+    # A hook fires at every call of the module, as a PyTorch module hook does.
+    hooked = fgrad.with_hooks(fn, forward={"lin:in": lambda v: v * 0.0})
+    assert_tree_allclose(hooked(model, x), 2 * jnp.sum(b))  # two rows of lin(0) = b
