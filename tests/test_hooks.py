@@ -495,3 +495,27 @@ def test_nnx_input_taps_and_a_module_called_twice():
     # A hook fires at every call of the module, as a PyTorch module hook does.
     hooked = fgrad.with_hooks(fn, forward={"lin:in": lambda v: v * 0.0})
     assert_tree_allclose(hooked(model, x), 2 * jnp.sum(b))  # two rows of lin(0) = b
+
+
+# --------------------------------------------------------------------------------------
+# Bench builders (run once; timings belong to `fgrad bench`, not to tests)
+
+
+@pytest.mark.parametrize("op", ["hook_backward", "hook_forward"])
+def test_bench_builders_agree(op):
+    from fgrad.bench import _jax_ops, _ops_hooks
+    from fgrad.bench._workloads import workloads
+
+    w = workloads("tiny")[1]  # the tiny MLP
+    assert _ops_hooks.APPLIES[op](w)
+    results = {}
+    for impl, build in _ops_hooks.JAX[op].items():
+        fn, args = build(impl, w)
+        results[impl] = fn(*args)
+    assert_tree_allclose(results["fgrad"], results["jax"])
+    grads_t = _ops_hooks.TORCH[op]["torch"]("torch", w, "cpu")()
+    assert_tree_allclose(results["fgrad"], grads_t, rtol=1e-4, atol=1e-6)
+    params, batch = _jax_ops._data(w)
+    loss = _jax_ops._losses(w)[0]
+    plain = jax.grad(lambda p, b: loss(p, b, lambda name, h: h))(params, batch)
+    assert not np.allclose(plain["fc0.weight"], results["fgrad"]["fc0.weight"])
