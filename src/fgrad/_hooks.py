@@ -341,6 +341,12 @@ def with_hooks(fn: Callable, *, forward: Hooks = None, backward: Hooks = None) -
     compose with it. A tap inside ``lax.scan`` is hooked on every step, and inside
     ``jax.checkpoint`` as well.
 
+    A hook acts on the tapped value through all of its uses, wherever the tap is written
+    (``fgrad.tap("h", h)`` as a statement hooks ``h``). To act on one branch only, tap a
+    value only that branch uses, as PyTorch code hooks a ``.clone()``. Backward hooks are
+    ``jax.custom_vjp`` rules, so forward mode (``jax.jvp``) through a backward-hooked tap
+    is refused by JAX; `fgrad.hvp` falls back to reverse-over-reverse there.
+
     Hooks are applied in the dict's order where several patterns match a tap, on every hit
     of the tap (a module called twice is hooked twice). A hook may ask for keyword
     arguments by naming them: ``step`` (the index of the enclosing ``lax.scan``'s step,
