@@ -195,6 +195,8 @@ def test_forward_constant_inside_scan_is_per_step_or_stacked():
     stacked = jnp.asarray(RNG.normal(size=(STEPS, HID)).astype(np.float32))
     out = fgrad.with_hooks(rnn_loss, forward={"h": stacked})(p, xs)
     assert_tree_allclose(out, jnp.sum((stacked @ p["r"]) ** 2))
+    by_step = fgrad.with_hooks(rnn_loss, forward={"h": lambda v, step: stacked[step]})
+    assert_tree_allclose(by_step(p, xs), out)  # a forward hook given the step index
     one = stacked[0]
     assert_tree_allclose(
         fgrad.with_hooks(rnn_loss, forward={"h": one})(p, xs), STEPS * jnp.sum(one * p["r"]) ** 2

@@ -89,7 +89,7 @@ def _normalize(jaxpr, memo: dict):
             changed = True
             eqn = eqn.replace(params=params)
         invars = [sub(v) for v in eqn.invars]
-        if invars != list(eqn.invars):
+        if any(a is not b for a, b in zip(invars, eqn.invars, strict=True)):
             eqn = eqn.replace(invars=invars)
         if not is_tap(eqn):
             out.append(eqn)
