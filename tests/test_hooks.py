@@ -396,6 +396,13 @@ def test_tap_names_serve_checkpoint_policies(capsys):
     assert_tree_allclose(jax.grad(hooked, 1)(2.0, x), jax.grad(f, 1)(2.0, x) * 2.0)
 
 
+def test_taylor_mode_runs_through_the_gradient_of_a_tapped_function():
+    """The checkpoint name a tap's JVP adds has a Taylor rule: jet still works."""
+    df = jax.grad(lambda x: jnp.sin(fgrad.tap("h", 2.0 * x)) ** 2)  # = 2 sin(4x)
+    x = jnp.float32(0.3)
+    assert_tree_allclose(fgrad.derivative(df, 3, method="taylor")(x), -128 * jnp.cos(4 * x))
+
+
 # --------------------------------------------------------------------------------------
 # Patterns and errors
 

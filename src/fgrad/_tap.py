@@ -69,6 +69,17 @@ ad.primitive_transposes[tap_p] = _tap_transpose
 batching.primitive_batchers[tap_p] = _tap_batch
 jet.jet_rules[tap_p] = _tap_jet
 
+# The name the JVP rule gives a tap's primal is an identity JAX gives no Taylor rule: give it
+# one, so Taylor mode (jet) still runs through the gradient of a tapped function.
+_name_p = jax.make_jaxpr(lambda x: checkpoint_name(x, "fgrad"))(0.0).eqns[0].primitive
+
+
+def _name_jet(primals, series, *, name):
+    return _name_p.bind(primals[0], name=name), series[0]
+
+
+jet.jet_rules.setdefault(_name_p, _name_jet)
+
 
 def tap(name: str, x: T) -> T:
     """Names an intermediate value so fgrad can read it or differentiate with respect to it.
