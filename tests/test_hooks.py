@@ -193,13 +193,14 @@ def test_forward_constant_inside_scan_is_per_step_or_stacked():
     p = {"w": jnp.ones((HID, 2)), "u": 0.5 * jnp.eye(HID), "r": jnp.arange(HID, dtype=jnp.float32)}
     xs = jnp.asarray(RNG.normal(size=(STEPS, 2)).astype(np.float32))
     stacked = jnp.asarray(RNG.normal(size=(STEPS, HID)).astype(np.float32))
-    out = fgrad.with_hooks(rnn_loss, forward={"h": stacked})(p, xs)
+    out = jax.jit(fgrad.with_hooks(rnn_loss, forward={"h": stacked}))(p, xs)
     assert_tree_allclose(out, jnp.sum((stacked @ p["r"]) ** 2))
     by_step = fgrad.with_hooks(rnn_loss, forward={"h": lambda v, step: stacked[step]})
-    assert_tree_allclose(by_step(p, xs), out)  # a forward hook given the step index
+    assert_tree_allclose(jax.jit(by_step)(p, xs), out)  # a forward hook given the step index
     one = stacked[0]
     assert_tree_allclose(
-        fgrad.with_hooks(rnn_loss, forward={"h": one})(p, xs), STEPS * jnp.sum(one * p["r"]) ** 2
+        jax.jit(fgrad.with_hooks(rnn_loss, forward={"h": one}))(p, xs),
+        STEPS * jnp.sum(one * p["r"]) ** 2,
     )
 
 
@@ -258,11 +259,11 @@ def test_conv_forward_pre_hook_matches_torch(cnn):
     apply = fgrad.tap_linen(LinenCNN(classes=4).apply, "fc", inputs="conv2")
     loss = lambda v, x, y: ce(apply(v, x), y)
     args = (v, jnp.asarray(nhwc(X_CNN)), jnp.asarray(Y_CNN))
-    _, acts = fgrad.intermediates(loss)(*args)
+    _, acts = jax.jit(fgrad.intermediates(loss))(*args)
     assert set(acts) == {"conv2:in", "fc"}
     assert_tree_allclose(acts["conv2:in"], nhwc(seen["in"]), rtol=1e-5, atol=1e-5)
     hooked = fgrad.with_hooks(loss, forward={"conv2:in": lambda a: a * 0.5})
-    value, gx = jax.value_and_grad(hooked, argnums=1)(*args)
+    value, gx = jax.jit(jax.value_and_grad(hooked, argnums=1))(*args)
     assert_tree_allclose(value, loss_t)
     assert_tree_allclose(gx, nhwc(x_t.grad), rtol=1e-4, atol=1e-6)
 
@@ -321,12 +322,12 @@ def test_activation_patching_one_head_matches_torch_forward_hook():
 
     p = tt.to_jax(block)
     score = lambda p, x: jnp.sum(attention(p, x) @ jnp.asarray(readout))
-    _, taps = fgrad.intermediates(score, "z")(p, jnp.asarray(corrupt))
+    _, taps = jax.jit(fgrad.intermediates(score, "z"))(p, jnp.asarray(corrupt))
     hooked = fgrad.with_hooks(
         score, forward={"z": lambda z: z.at[:, :, head].set(taps["z"][:, :, head])}
     )
     patched, grads = jax.jit(jax.value_and_grad(hooked))(p, jnp.asarray(clean))
-    base = score(p, jnp.asarray(clean))
+    base = jax.jit(score)(p, jnp.asarray(clean))
     assert_tree_allclose(patched - base, patched_t - base_t, rtol=1e-4, atol=1e-5)
     assert_tree_allclose(
         grads, {k: v.grad for k, v in block.named_parameters()}, rtol=1e-4, atol=1e-6
