@@ -87,6 +87,23 @@ def test_statement_tap_hooks_every_use():
     assert_tree_allclose(fgrad.grad_intermediates(hooked)(1.3, jnp.asarray(x))["h"], h.grad)
 
 
+def test_pytree_tap_hooks_see_and_return_the_tree():
+    def f(x):
+        kv = fgrad.tap("kv", {"k": 2.0 * x, "v": 3.0 * x})
+        return jnp.sum(kv["k"] * kv["v"])
+
+    hooked = fgrad.with_hooks(
+        f,
+        forward={"kv": lambda kv: {"k": kv["k"], "v": kv["v"] + 1.0}},
+        backward={"kv": lambda g, value: {"k": g["k"] * value["v"], "v": g["v"]}},
+    )
+    x = jnp.array([0.5, -1.0])
+    # forward: k = 2x, v = 3x + 1; gradient at k is v, scaled by v again; at v it is k.
+    v, k = 3.0 * x + 1.0, 2.0 * x
+    assert_tree_allclose(jax.jit(hooked)(x), jnp.sum(k * v))
+    assert_tree_allclose(jax.jit(jax.grad(hooked))(x), 2.0 * v * v + 3.0 * k)
+
+
 @pytest.mark.parametrize("hook", ["linear", "nonlinear"])
 def test_double_backward_matches_create_graph(hook):
     """PyTorch records a hook's computation under create_graph=True and runs the hook
