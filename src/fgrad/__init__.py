@@ -17,6 +17,7 @@ from fgrad._grads import zero_grad as zero_grad
 from fgrad._hessian import hessian as hessian
 from fgrad._hessian import hvp as hvp
 from fgrad._higher import derivative as derivative
+from fgrad._hooks import with_hooks as with_hooks
 from fgrad._intermediates import grad_intermediates as grad_intermediates
 from fgrad._intermediates import intermediates as intermediates
 from fgrad._intermediates import value_and_grad_intermediates as value_and_grad_intermediates
@@ -47,5 +48,6 @@ __all__ = [
     "torch_grads",
     "value_and_grad_intermediates",
     "vjp_intermediates",
+    "with_hooks",
     "zero_grad",
 ]

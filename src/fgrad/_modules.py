@@ -11,6 +11,9 @@ Paths are chosen by glob patterns as file paths are: ``*`` and ``?`` stop at ``/
 not the layers inside them, ``"ResNetBlock_*/*"`` the layers directly inside a block,
 ``"**"`` every submodule at any depth, as does ``"*"`` for the default of tapping every
 submodule (a lone ``"*"`` keeps its historical meaning: every submodule).
+
+With ``inputs=``, chosen submodules also have their inputs tapped (PyTorch's
+``register_forward_pre_hook``), named by the path and ``":in"`` (``"Dense_0:in"``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 
+import jax
+import numpy as np
 from flax import errors as flax_errors
 from flax import linen as nn
 from flax import nnx
@@ -29,6 +34,23 @@ from fgrad._tap import tap
 from fgrad._typing import P, R
 
 Paths = str | Sequence[str]
+
+INPUT_SUFFIX = ":in"  # a module's input tap is named f"{path}{INPUT_SUFFIX}"
+
+
+def _tap_inputs(name: str, args: tuple) -> tuple:
+    """``args`` with its array arguments tapped as ``name``: the array itself when there
+    is one, else the tuple of them."""
+    where = [i for i, a in enumerate(args) if isinstance(a, jax.Array | np.ndarray)]
+    if not where:
+        return args
+    new = list(args)
+    if len(where) == 1:
+        new[where[0]] = tap(name, args[where[0]])
+    else:
+        for i, x in zip(where, tap(name, tuple(args[i] for i in where)), strict=True):
+            new[i] = x
+    return tuple(new)
 
 
 def _patterns(paths: Paths, caller: str) -> list[str]:
@@ -100,7 +122,11 @@ def _check_all_matched(patterns, seen: Sequence[str], caller: str) -> None:
 
 
 def tap_linen(
-    fn: Callable[P, R], paths: Paths = "*", *, method: str = "__call__"
+    fn: Callable[P, R],
+    paths: Paths = "*",
+    *,
+    method: str = "__call__",
+    inputs: Paths | None = None,
 ) -> Callable[P, R]:
     """Taps the outputs of chosen submodules of a Flax linen model, unmodified.
 
@@ -118,6 +144,9 @@ def tap_linen(
         default) is every submodule. Each pattern must match at least one submodule
         that ran.
       method: the module method whose result is tapped.
+      inputs: also tap the inputs of the submodules matching these paths or patterns
+        (``register_forward_pre_hook``): the array positional arguments of ``method``
+        (the array, or a tuple of them), named ``"<path>:in"``.
 
     Returns:
       ``fn`` with the outputs tapped, named by module path.
@@ -136,6 +165,7 @@ def tap_linen(
     """
     caller = "fgrad.tap_linen"
     patterns = _patterns(paths, caller)
+    in_patterns = [] if inputs is None else _patterns(inputs, caller)
 
     if not isinstance(method, str) or not method:
         raise TypeError(
@@ -148,6 +178,9 @@ def tap_linen(
         methods: set[str] = set()
 
         def interceptor(next_fun, a, k, context):
+            at = "/".join(context.module.path)
+            if at and context.method_name == method and _matches(at, in_patterns):
+                a = _tap_inputs(at + INPUT_SUFFIX, tuple(a))
             out = next_fun(*a, **k)
             methods.add(context.method_name)
             if context.method_name != method:
@@ -168,6 +201,7 @@ def tap_linen(
                 "default.)"
             )
         _check_all_matched(patterns, seen, caller)
+        _check_all_matched(in_patterns, seen, caller)
         return out
 
     return wrapped
@@ -205,6 +239,9 @@ def _tapping_subclass(cls: type) -> type:
     if cls not in _subclasses:
 
         def __call__(self, *args, **kwargs):
+            in_name = getattr(_names, "inputs_by_id", {}).get(id(self))
+            if in_name is not None:
+                args = _tap_inputs(in_name, args)
             out = cls.__call__(self, *args, **kwargs)
             name = getattr(_names, "by_id", {}).get(id(self))
             if name is None:
@@ -217,7 +254,12 @@ def _tapping_subclass(cls: type) -> type:
 
 
 def tap_nnx(
-    fn: Callable[P, R], paths: Paths = "*", *, argnum: int = 0, model: nnx.Module | None = None
+    fn: Callable[P, R],
+    paths: Paths = "*",
+    *,
+    argnum: int = 0,
+    model: nnx.Module | None = None,
+    inputs: Paths | None = None,
 ) -> Callable[P, R]:
     """Taps the outputs of chosen submodules of a Flax nnx model, unmodified.
 
@@ -235,6 +277,9 @@ def tap_nnx(
       argnum: which positional argument of ``fn`` is the model (nnx modules are pytrees,
         so inside a JAX transformation ``fn`` receives a copy: the copy is tapped).
       model: the model, when ``fn`` closes over it instead of taking it as an argument.
+      inputs: also tap the inputs of the submodules matching these paths or patterns
+        (``register_forward_pre_hook``): the array positional arguments of ``__call__``
+        (the array, or a tuple of them), named ``"<path>:in"``.
 
     Returns:
       ``fn`` with the outputs tapped, named by submodule path.
@@ -252,6 +297,7 @@ def tap_nnx(
     """
     caller = "fgrad.tap_nnx"
     patterns = _patterns(paths, caller)
+    in_patterns = [] if inputs is None else _patterns(inputs, caller)
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
@@ -274,14 +320,20 @@ def tap_nnx(
             if path and callable(mod)
         ]
         _check_all_matched(patterns, [p for p, _ in found], caller)
-        chosen = [(p, mod) for p, mod in found if _matches(p, patterns)]
+        _check_all_matched(in_patterns, [p for p, _ in found], caller)
+        chosen = [(p, mod) for p, mod in found if _matches(p, [*patterns, *in_patterns])]
         by_id, ran = getattr(_names, "by_id", None), getattr(_names, "ran", None)
+        inputs_by_id = getattr(_names, "inputs_by_id", None)
         _names.by_id = dict(by_id or {})
+        _names.inputs_by_id = dict(inputs_by_id or {})
         _names.ran = set()
         originals = []
         try:
             for p, mod in chosen:
-                _names.by_id[id(mod)] = p
+                if _matches(p, patterns):
+                    _names.by_id[id(mod)] = p
+                if _matches(p, in_patterns):
+                    _names.inputs_by_id[id(mod)] = p + INPUT_SUFFIX
                 originals.append((mod, type(mod)))
                 # object.__setattr__: nnx refuses attribute writes from inside a trace,
                 # but the class swap changes no state and is undone below.
@@ -307,6 +359,7 @@ def tap_nnx(
                 object.__setattr__(mod, "__class__", cls)
             ran_here = _names.ran
             _names.by_id, _names.ran = by_id, ran
+            _names.inputs_by_id = inputs_by_id
             if ran is not None:  # an enclosing tap_nnx saw these run too
                 ran |= ran_here
         never = [p for p in patterns if not any(_match(r, p) for r in ran_here)]

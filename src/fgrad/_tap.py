@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import jet
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -39,8 +40,11 @@ def _tap_lowering(ctx, *leaves, name, tree):
 
 
 def _tap_jvp(primals, tangents, *, name, tree):
-    # The tangent passes through untouched: a tap never changes a derivative.
-    return tap_p.bind(*primals, name=name, tree=tree), list(tangents)
+    # The tangent passes through untouched: a tap never changes a derivative. The primal
+    # is also named for jax.checkpoint's policies (save_only_these_names(name), ...),
+    # which look at the differentiated program: an identity that compiles to nothing.
+    outs = tap_p.bind(*primals, name=name, tree=tree)
+    return [checkpoint_name(o, name) for o in outs], list(tangents)
 
 
 def _tap_transpose(cts, *leaves, name, tree):
@@ -64,6 +68,18 @@ ad.primitive_jvps[tap_p] = _tap_jvp
 ad.primitive_transposes[tap_p] = _tap_transpose
 batching.primitive_batchers[tap_p] = _tap_batch
 jet.jet_rules[tap_p] = _tap_jet  # type: ignore[assignment]  # typed by its first rule
+
+# The name the JVP rule gives a tap's primal is an identity JAX gives no Taylor rule: give it
+# one, so Taylor mode (jet) still runs through the gradient of a tapped function.
+_name_p = jax.make_jaxpr(lambda x: checkpoint_name(x, "fgrad"))(0.0).eqns[0].primitive
+
+
+def _name_jet(primals, series, *, name):
+    return _name_p.bind(primals[0], name=name), series[0]
+
+
+# jet's rule table is typed after one of JAX's own rules; ours takes the name keyword.
+jet.jet_rules.setdefault(_name_p, _name_jet)  # type: ignore[arg-type]
 
 
 def tap(name: str, x: T) -> T:

@@ -389,12 +389,19 @@ class Plan:
 
     Several hits may share a key: their perturbation is the same array (so the gradient
     is the sum over hits) and their recorded values are summed.
+
+    ``at_tap`` (optional; `fgrad.with_hooks` uses it) computes a planned tap's output:
+    ``at_tap(key, leaves, steps, bind)``, where ``steps`` holds the step index of each
+    enclosing ``scan`` (outermost first) and ``bind(leaves)`` re-binds the tap itself.
     """
 
     keys: Mapping[Path, str]
+    at_tap: Any = None
+    steps: tuple = ()
 
     def within(self, prefix: Path) -> Plan:
-        return Plan({p: k for p, k in self.keys.items() if _inside(p, prefix)})
+        keys = {p: k for p, k in self.keys.items() if _inside(p, prefix)}
+        return dataclasses.replace(self, keys=keys)
 
     def enters(self, prefix: Path) -> bool:
         return any(_inside(p, prefix) for p in self.keys)
@@ -544,7 +551,7 @@ def _run(jaxpr, consts, args, prefix, plan, perturb, recorded, sites: _Sites):
         ctx = getattr(getattr(eqn, "ctx", None), "manager", None) or contextlib.nullcontext()
         with ctx:
             if is_tap(eqn):
-                outs = _run_tap(eqn, invals, plan.keys.get(path), perturb, recorded)
+                outs = _run_tap(eqn, invals, plan.keys.get(path), perturb, recorded, plan)
                 if path in sites.at_tap:  # a tapped literal: perturb the tap's result
                     outs = list(outs)
                     for key, j in sites.at_tap[path]:
@@ -560,14 +567,17 @@ def _run(jaxpr, consts, args, prefix, plan, perturb, recorded, sites: _Sites):
     return [read(v) for v in jaxpr.outvars]
 
 
-def _run_tap(eqn, invals, key, perturb, recorded):
+def _run_tap(eqn, invals, key, perturb, recorded, plan):
     """A tap: its value recorded under ``key`` (the perturbation, if any, was added where
-    the tapped variable is defined)."""
+    the tapped variable is defined); its output computed by ``plan.at_tap`` if set."""
     del perturb
     if key is not None and recorded is not None:
         _record(recorded, key, invals)
     # Re-bind, so the tap stays visible to an fgrad transformation around this one.
-    return eqn.primitive.bind(*invals, **eqn.params)
+    bind = lambda xs: eqn.primitive.bind(*xs, **eqn.params)
+    if key is not None and plan.at_tap is not None:
+        return plan.at_tap(key, invals, plan.steps, bind)
+    return bind(invals)
 
 
 def _run_higher(eqn, invals, path, plan, perturb, recorded, sites):
@@ -728,16 +738,20 @@ def _run_scan(params, body, body_consts, invals, prefix, plan, perturb, record, 
     consts, init, xs = _scan_operands(params, invals)
     n_carry = len(init)
 
+    # With at_tap, each step also gets its index (for hooks that ask for it).
+    index = jax.numpy.arange(params["length"]) if plan.at_tap is not None else None
+
     def step(carry, x):
-        x_t, p_t = x
+        x_t, p_t, i = x
+        inner = plan if i is None else dataclasses.replace(plan, steps=(*plan.steps, i))
         rec: dict[str, list[Any]] | None = {} if record else None
-        outs = _run(body, body_consts, [*consts, *carry, *x_t], prefix, plan, p_t, rec, sites)
+        outs = _run(body, body_consts, [*consts, *carry, *x_t], prefix, inner, p_t, rec, sites)
         return outs[:n_carry], (outs[n_carry:], rec)
 
     carry, (ys, rec) = jax.lax.scan(
         step,
         list(init),
-        (list(xs), perturb),
+        (list(xs), perturb, index),
         length=params["length"],
         reverse=params["reverse"],
         unroll=params["unroll"],
