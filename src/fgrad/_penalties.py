@@ -267,8 +267,29 @@ def lazy(penalty: Callable, every: int) -> Callable:
     return wrapped
 
 
+def _widest_float(leaves: list) -> Any:
+    """The widest floating dtype among ``leaves`` (float32 for none): the precision the
+    caller gave, without relying on implicit promotion (strict mode refuses it)."""
+    dts = [jnp.dtype(jnp.result_type(x)) for x in leaves]
+    dts = [d for d in dts if jnp.issubdtype(d, jnp.floating)]
+    return max(dts, key=lambda d: jnp.finfo(d).bits, default=jnp.dtype(jnp.float32))
+
+
+def _safe_norm(sq: jax.Array) -> jax.Array:
+    """``sqrt(sq)`` whose derivative at ``sq = 0`` is 0 (PyTorch's ``norm`` backward at a
+    zero vector), not ``inf * 0 = NaN``."""
+    pos = sq > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, jnp.ones_like(sq))), jnp.zeros_like(sq))
+
+
 def _grad_leaves_norm(g: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(leaf.astype(jnp.float32) ** 2) for leaf in jax.tree.leaves(g)))
+    """The 2-norm of all leaves of ``g``, in their widest dtype (sums of squares of
+    half-precision leaves accumulated in float32, then cast back)."""
+    leaves = jax.tree.leaves(g)
+    out = _widest_float(leaves)
+    acc = out if jnp.finfo(out).bits >= 32 else jnp.dtype(jnp.float32)
+    sq = sum((jnp.sum(jnp.square(leaf.astype(acc))) for leaf in leaves), jnp.zeros((), acc))
+    return _safe_norm(sq).astype(out)
 
 
 def gradient_norm(
@@ -321,30 +342,44 @@ def gradient_norm(
         raise ValueError(
             f"{caller}: method must be 'exact' or 'finite_difference', got {method!r}."
         )
-    if not r > 0:
-        raise ValueError(f"{caller}: r must be positive, got {r!r}.")
-    return _fd_norm(scalar, float(r), params)
+    if isinstance(r, jax.core.Tracer):
+        if not (jnp.ndim(r) == 0 and jnp.issubdtype(jnp.result_type(r), jnp.floating)):
+            raise TypeError(
+                f"{caller}: r must be a positive float (a scalar), got a traced "
+                f"{jnp.result_type(r)} array of shape {jnp.shape(r)}."
+            )
+    else:
+        if isinstance(r, bool) or not (jnp.ndim(r) == 0 and float(r) > 0):
+            raise ValueError(f"{caller}: r must be a positive float, got {r!r}.")
+    return _fd_norm(scalar, jnp.asarray(r), params)
 
 
-def _fd_norm(scalar: Callable, r: float, params: Any) -> jax.Array:
+def _fd_norm(scalar: Callable, r: jax.Array, params: Any) -> jax.Array:
+    """The norm, whose custom backward pass is the two-gradient finite difference; ``r``
+    may be traced (it gets no gradient)."""
+
     @jax.custom_vjp
-    def norm(p):
+    def norm(p, r):
         return _grad_leaves_norm(jax.grad(scalar)(p))
 
-    def fwd(p):
+    def fwd(p, r):
         g = jax.grad(scalar)(p)
         n = _grad_leaves_norm(g)
-        return n, (p, g, n)
+        return n, (p, g, n, r)
 
     def bwd(res, ct):
-        p, g, n = res
-        unit = jax.tree.map(lambda x: x / n.astype(x.dtype), g)
-        shifted = jax.tree.map(lambda a, u: a + r * u, p, unit)
+        p, g, n, r = res
+        # At a stationary point g = 0 the unit vector is taken as 0: the shifted gradient
+        # equals g and the cotangent is 0, PyTorch's norm backward at a zero vector.
+        safe_n = jnp.where(n > 0, n, jnp.ones_like(n))
+        unit = jax.tree.map(lambda x: x / safe_n.astype(x.dtype), g)
+        shifted = jax.tree.map(lambda a, u: a + r.astype(a.dtype) * u, p, unit)
         g2 = jax.grad(scalar)(shifted)
-        return (jax.tree.map(lambda a, b: ct.astype(a.dtype) * (a - b) / r, g2, g),)
+        cts = jax.tree.map(lambda a, b: ct.astype(a.dtype) * (a - b) / r.astype(a.dtype), g2, g)
+        return cts, jnp.zeros_like(r)
 
     norm.defvjp(fwd, bwd)
-    return norm(params)
+    return norm(params, r)
 
 
 def jacobian_norm(
