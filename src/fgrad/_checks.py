@@ -121,3 +121,31 @@ def first_structure_difference(expected: Any, got: Any, *, none_ok: bool = False
     except (ValueError, TypeError):
         return " has other container types than expected (e.g. a list where a tuple is)"
     return None
+
+
+def describe(tree: Any) -> str:
+    """A short description of a pytree as a user would recognise it: ``an array of shape
+    (3,) and dtype float32``, ``a list of 3 Python floats``, ``a dict with keys ['a']``."""
+
+    def one(x: Any) -> str:
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return f"an array of shape {tuple(x.shape)} and dtype {x.dtype}"
+        return f"a Python {type(x).__name__}"
+
+    if isinstance(tree, (list, tuple)):
+        kinds = sorted({type(x).__name__ for x in tree})
+        inner = f" of {', '.join(kinds)}" if kinds and len(kinds) <= 2 else ""
+        return f"a {type(tree).__name__} of {len(tree)} item(s){inner}"
+    if isinstance(tree, dict):
+        return f"a dict with keys {sorted(map(str, tree))}"
+    if tree is None:
+        return "None"
+    if not jax.tree.leaves(tree) or jax.tree.structure(tree).num_leaves != 1:
+        return f"a {type(tree).__name__} pytree with structure {jax.tree.structure(tree)}"
+    return one(tree)
+
+
+def half_precision(dtype: Any) -> bool:
+    """Whether ``dtype`` is a floating dtype narrower than 32 bits (bfloat16, float16)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
