@@ -169,7 +169,7 @@ def test_spectrum_refuses_a_width_that_is_not_positive(problem):
             )
 
 
-def test_bfloat16_parameters_are_estimated_in_float32_and_returned_as_given():
+def test_bfloat16_parameters_linear_algebra_in_float32_results_as_given():
     # Hessian diag(2, 4, ..., 12): every estimator is exact on it with enough probes
     a = jnp.arange(1.0, 7.0, dtype=jnp.float32)
     f = lambda p: jnp.sum(a * p.astype(jnp.float32) ** 2)

@@ -34,22 +34,25 @@ class _Op(NamedTuple):
 
 
 def _operator(f: Callable, params: Any, batch: Any, caller: str) -> _Op:
-    """The Hessian as a flat operator. Half-precision parameters (bfloat16, float16) are
-    converted to float32 for the estimator's linear algebra (QR and eigh have no bfloat16
-    kernels, and Lanczos loses orthogonality at 8 bits); results come back in their dtype."""
+    """The Hessian as a flat operator. ``f`` always sees the parameters as given; with
+    half-precision parameters (bfloat16, float16) the estimator's own linear algebra runs in
+    float32 (QR and eigh have no bfloat16 kernels, and Lanczos loses orthogonality at 8
+    bits), each HVP taking and giving the parameters' dtype; results come back in it."""
     _checks.require_float_tree(params, caller, "params")
-    leaves = jax.tree.leaves(params)
-    dtypes = [jnp.dtype(jnp.result_type(x)) for x in leaves]
-    if not leaves:
-        raise ValueError(f"{caller}: params has no entries.")
-    out_dtype = max(dtypes, key=lambda d: jnp.finfo(d).bits)
-    up = lambda x: x.astype(jnp.float32) if _checks.half_precision(x.dtype) else x
-    work = jax.tree.map(lambda x: up(jnp.asarray(x)), params)
-    matvec, flat, unravel_work = flat_hvp(f, work, batch, caller)
+    matvec, flat, unravel = flat_hvp(f, params, batch, caller)
     if flat.size == 0:
         raise ValueError(f"{caller}: params has no entries.")
-    back = lambda t: jax.tree.map(lambda a, p: a.astype(jnp.result_type(p)), t, params)
-    return _Op(matvec, int(flat.size), flat.dtype, lambda u: back(unravel_work(u)), out_dtype)
+    given = flat.dtype
+    if not _checks.half_precision(given):
+        return _Op(matvec, int(flat.size), given, unravel, given)
+    work = jnp.dtype(jnp.float32)
+    return _Op(
+        lambda u: matvec(u.astype(given)).astype(work),
+        int(flat.size),
+        work,
+        lambda u: unravel(u.astype(given)),
+        given,
+    )
 
 
 def _require_key(key: Any, caller: str) -> None:
