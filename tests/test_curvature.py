@@ -151,6 +151,10 @@ def test_errors(problem):
         curvature.hessian_diagonal(loss, p, *batch, method="dense")
     with pytest.raises(ValueError, match="which must be 'largest' or 'smallest'"):
         curvature.hessian_eigenvalues(loss, p, *batch, key=jax.random.key(0), which="both")
+    with pytest.raises(TypeError, match=r"hessian_trace: key must be a JAX PRNG key.*got int"):
+        curvature.hessian_trace(loss, p, *batch, key=0)
+    with pytest.raises(TypeError, match=r"hessian_spectrum: sigma must be a real number"):
+        curvature.hessian_spectrum(loss, p, *batch, key=jax.random.key(0), iterations=4, sigma="a")
     with pytest.raises(ValueError, match="iterations=99 exceeds"):
         curvature.hessian_spectrum(loss, p, *batch, key=jax.random.key(0), iterations=99)
     # the error names the estimator the caller called, not the HVP inside it

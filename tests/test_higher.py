@@ -126,6 +126,8 @@ def test_errors():
         fgrad.derivative(jnp.sin, 2)(jnp.int32(3))
     with pytest.raises(TypeError, match="argument 0 must be floating point"):
         fgrad.derivative(jnp.sin, 2)(3)
+    with pytest.raises(TypeError, match=r"argument 0 must be floating point.*complex"):
+        fgrad.derivative(jnp.sin, 2)(1j)
     with pytest.raises(ValueError, match="order must be >= 0"):
         fgrad.derivative(jnp.sin, -1)
     with pytest.raises(TypeError, match="order must be an int"):

@@ -390,3 +390,24 @@ def test_gradient_norm_finite_difference_step_may_be_traced(mlp):
         P.gradient_norm(mse, params, JX, JY, method="finite_difference", r=0.0)
     with pytest.raises(TypeError, match=r"gradient_norm: r must be a positive float .* \(2,\)"):
         jax.jit(fd)(params, jnp.ones(2))
+
+
+def test_hostile_inputs_get_errors_naming_the_penalty(mlp):
+    _, params = mlp
+    with pytest.raises(TypeError, match=r"wgan_gp: key must be a JAX PRNG key.*got int"):
+        P.wgan_gp(jax_critic, params, JX, JX2, 0)
+    with pytest.raises(TypeError, match=r"jacobian_norm: key must be a JAX PRNG key"):
+        P.jacobian_norm(jax_net, params, JX, 0)
+    with pytest.raises(TypeError, match=r"r1: gamma must be a real number, got 'a'"):
+        P.r1(jax_critic, params, JX, gamma="a")
+    with pytest.raises(TypeError, match=r"gradient_norm: r \(the finite-difference step\) must"):
+        P.gradient_norm(mse, params, JX, JY, method="finite_difference", r="a")
+    with pytest.raises(TypeError, match=r"intermediate_gradient: names must be a tap name"):
+        P.intermediate_gradient(jax_critic, params, JX, 3)
+    with pytest.raises(ValueError, match=r"^fgrad\.penalties\.intermediate_gradient: no tap named"):
+        P.intermediate_gradient(jax_critic, params, JX, "g")
+    with pytest.raises(TypeError, match=r"lazy: penalty must be a function"):
+        P.lazy(3, every=2)
+    # size-1 batches and parameters: correct numbers (closed forms)
+    assert float(P.input_gradient(lambda w, x: x @ w, jnp.array([3.0, 4.0]), JX[:1, :2])) == 25.0
+    assert float(P.gradient_norm(lambda w: w**2, jnp.float32(2.0))) == 4.0

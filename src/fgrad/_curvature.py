@@ -61,6 +61,7 @@ def _require_key(key: Any, caller: str) -> None:
             f"{caller}: this estimator is random; pass key=jax.random.key(seed) (an explicit "
             "PRNG key, so results are reproducible)."
         )
+    _checks.require_prng_key(key, caller)
 
 
 def _rademacher(key, shape, dtype):
@@ -392,7 +393,8 @@ def hessian_spectrum(
     grid_size = _checks.positive_int(grid_size, "grid_size", caller)
     m = _checks.positive_int(iterations, "iterations", caller)
     if sigma is not None and not isinstance(sigma, jax.core.Tracer):
-        if isinstance(sigma, bool) or jnp.ndim(sigma) != 0 or not 0 < float(sigma) < jnp.inf:
+        _checks.real_number(sigma, "sigma", caller)
+        if not 0 < float(sigma) < jnp.inf:
             raise ValueError(
                 f"{caller}: sigma, the width of the Gaussian that smooths the density, must "
                 f"be a positive finite number, got {sigma!r} (None: 1% of the spectral range)."

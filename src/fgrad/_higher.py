@@ -295,7 +295,7 @@ def derivative(
         args = list(args)
         for i in set(nums):
             x = args[i]
-            if not (isinstance(x, (int, float)) or hasattr(x, "dtype")):
+            if not (isinstance(x, (int, float, complex)) or hasattr(x, "dtype")):
                 raise TypeError(
                     f"{caller}: argument {i} must be an array or a number, got {type(x).__name__}."
                 )

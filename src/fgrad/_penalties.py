@@ -118,8 +118,21 @@ def intermediate_gradient(
     """
     caller = "fgrad.penalties.intermediate_gradient"
     n = _batch_of(x, caller)
+    many = isinstance(names, (list, tuple))
+    if not (isinstance(names, str) or (many and names and all(isinstance(s, str) for s in names))):
+        raise TypeError(
+            f"{caller}: names must be a tap name (a str given to fgrad.tap) or a non-empty "
+            f"list of them, got {names!r}."
+        )
     total = lambda p, x_: jnp.sum(_per_example(fn(p, x_, *args), n, caller, "function"))
-    taps = grad_intermediates(total, names)(params, x)
+    try:
+        taps = grad_intermediates(total, names)(params, x)
+    except (ValueError, TypeError) as e:  # the tap checks, in the words of this function
+        msg = str(e)
+        for inner in ("fgrad.value_and_grad_intermediates:", "fgrad.grad_intermediates:"):
+            if msg.startswith(inner):
+                raise type(e)(caller + ":" + msg[len(inner) :]) from e
+        raise
     for name, g in taps.items():
         for leaf in jax.tree.leaves(g):
             if jnp.ndim(leaf) < 1 or leaf.shape[0] != n:
@@ -173,6 +186,7 @@ def wgan_gp(
       Gulrajani et al., "Improved training of Wasserstein GANs", 2017.
     """
     caller = "fgrad.penalties.wgan_gp"
+    _checks.real_number(weight, "weight", caller)
     n = _batch_of(real, caller, "real")
     _batch_of(fake, caller, "fake")
     if jnp.shape(real) != jnp.shape(fake):
@@ -186,6 +200,7 @@ def wgan_gp(
                 f"{caller}: pass key=jax.random.key(seed) for the random interpolation "
                 "weights (or epsilon= to give them)."
             )
+        _checks.require_prng_key(key, caller)
         epsilon = jax.random.uniform(key, (n,), dtype=real.dtype)
     elif jnp.shape(epsilon) != (n,):
         raise ValueError(f"{caller}: epsilon must have shape ({n},), got {jnp.shape(epsilon)}.")
@@ -221,6 +236,7 @@ def r1(critic: Callable, params: Any, real: jax.Array, *args: Any, gamma: float 
       converge?", 2018.
     """
     caller = "fgrad.penalties.r1"
+    _checks.real_number(gamma, "gamma", caller)
     _batch_of(real, caller, "real")
     return 0.5 * gamma * _mean_sq_input_grad(critic, params, real, args, caller)
 
@@ -229,6 +245,7 @@ def r2(critic: Callable, params: Any, fake: jax.Array, *args: Any, gamma: float 
     """The R2 penalty (Mescheder et al. 2018): `r1` on generated samples,
     ``γ/2 · mean_i ‖∇D(fake_i)‖²``."""
     caller = "fgrad.penalties.r2"
+    _checks.real_number(gamma, "gamma", caller)
     _batch_of(fake, caller, "fake")
     return 0.5 * gamma * _mean_sq_input_grad(critic, params, fake, args, caller)
 
@@ -255,6 +272,11 @@ def lazy(penalty: Callable, every: int) -> Callable:
       [500.0, 0.0]
     """
     _checks.positive_int(every, "every", "fgrad.penalties.lazy")
+    if not callable(penalty):
+        raise TypeError(
+            "fgrad.penalties.lazy: penalty must be a function, e.g. "
+            f"functools.partial(fgrad.penalties.r1, critic); got {type(penalty).__name__}."
+        )
 
     def wrapped(step, *args, **kwargs):
         out = jax.eval_shape(lambda: penalty(*args, **kwargs))
@@ -349,7 +371,8 @@ def gradient_norm(
                 f"{jnp.result_type(r)} array of shape {jnp.shape(r)}."
             )
     else:
-        if isinstance(r, bool) or not (jnp.ndim(r) == 0 and float(r) > 0):
+        _checks.real_number(r, "r (the finite-difference step)", caller)
+        if not float(r) > 0:
             raise ValueError(f"{caller}: r must be a positive float, got {r!r}.")
     return _fd_norm(scalar, jnp.asarray(r), params)
 
@@ -437,6 +460,7 @@ def jacobian_norm(
                 f"{caller}: pass key=jax.random.key(seed) for the random projections (or "
                 "vectors= to give them)."
             )
+        _checks.require_prng_key(key, caller)
         _checks.positive_int(projections, "projections", caller)
         v = jax.random.normal(key, (projections, n, c), out.dtype)
         vectors = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
