@@ -144,18 +144,18 @@ def _count_eqns(jaxpr) -> int:
 
 def _check_taylor_size(g: Callable, order: int, x: jax.Array, caller: str) -> None:
     """Refuses an order whose Taylor-mode program would exceed `_MAX_EQNS` operations,
-    predicted from the programs at orders 8 and 16 (``a k² + b k``)."""
+    predicted from the programs at orders 4 and 8 (``a k² + b k``)."""
     if order <= 16:
         return
     size = lambda k: _count_eqns(jax.make_jaxpr(functools.partial(_taylor, g, k))(x).jaxpr)
-    c8, c16 = size(8), size(16)
-    a = max((c16 - 2 * c8) / 128, 0.0)
-    b = max((c8 - 64 * a) / 8, 0.0)
+    c4, c8 = size(4), size(8)
+    a = max((c8 - 2 * c4) / 32, 0.0)
+    b = max((c4 - 16 * a) / 4, 0.0)
     predicted = a * order**2 + b * order
     if predicted > _MAX_EQNS:
         raise ValueError(
             f"{caller}: order {order} by Taylor mode is out of reach: its program would have "
-            f"about {predicted:.2g} operations ({c16} at order 16, growing with the square of "
+            f"about {predicted:.2g} operations ({c8} at order 8, growing with the square of "
             f"the order), and compiling more than {_MAX_EQNS} takes minutes to hours. Lower "
             "the order."
         )
