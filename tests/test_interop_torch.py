@@ -131,5 +131,7 @@ def test_a_state_dict_instead_of_a_module_says_what_to_pass():
             fn(sd)
     with pytest.raises(TypeError, match=r"from_linen: module must be a torch\.nn\.Module"):
         tt.from_linen({"params": {}}, sd)
+    with pytest.raises(TypeError, match=r"rename must be a dict or a function .* got int"):
+        tt.to_linen(nn.Linear(3, 2), rename=3)
     with pytest.raises(TypeError, match=r"to_nnx: model must be a flax\.nnx\.Module, got dict"):
         tt.to_nnx(nn.Linear(3, 2), {"kernel": jnp.ones((3, 2))})

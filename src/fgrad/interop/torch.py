@@ -91,6 +91,11 @@ def _rename(path: str, rename: Rename) -> str:
         return path
     if callable(rename):
         return rename(path)
+    if not isinstance(rename, Mapping):
+        raise TypeError(
+            "fgrad.interop.torch: rename must be a dict or a function mapping PyTorch module "
+            f"paths ('features.0') to Flax ones, got {type(rename).__name__}."
+        )
     return rename.get(path, path)
 
 
