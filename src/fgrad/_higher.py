@@ -161,7 +161,9 @@ def _check_taylor_size(g: Callable, order: int, x: jax.Array, caller: str) -> No
         )
 
 
-def _check_nested_size(f: Callable, nums: Sequence[int], args: list, why: str, caller: str):
+def _check_nested_size(
+    f: Callable, nums: Sequence[int], args: list, why: Callable[[], str], caller: str
+):
     """Refuses an order whose nested reverse-mode program would exceed `_MAX_EQNS`
     operations, predicted from its sizes at orders 2 and 3 (cheap to trace: about a fifth
     of order 5, a fraction of a percent of order 8) and their ratio."""
@@ -177,7 +179,7 @@ def _check_nested_size(f: Callable, nums: Sequence[int], args: list, why: str, c
             f"has {c3} operations at order 3 and grows about {growth:.1f}x per order "
             f"(about {predicted:.2g} at order {order}; compiling more than {_MAX_EQNS} "
             "takes minutes to hours). Taylor mode, whose cost grows with the square of the "
-            f"order, does not apply: {why}. Lower the order, or differentiate a function of "
+            f"order, does not apply: {why()}. Lower the order, or differentiate a function of "
             "one element (e.g. jax.vmap over fgrad.derivative of a scalar function) so "
             "that Taylor mode can run."
         )
@@ -209,10 +211,10 @@ def derivative(
         program grows 2-4x per order, so an order whose program would exceed tens of
         thousands of operations is refused with the reason), ``"taylor"`` (one
         Taylor-mode pass with ``jax.experimental.jet``, whose cost grows with the order
-        squared, not exponentially: needs an argument with one element or an ``f`` that acts
-        elementwise on it,
-        decided from ``f``'s traced program, and jet rules for every primitive; anything
-        else is refused rather than answered with another quantity), or ``"auto"``:
+        squared, not exponentially: needs an argument with one element or an ``f`` that
+        acts elementwise on it, decided from ``f``'s traced program, and jet rules for
+        every primitive; anything else is refused rather than answered with another
+        quantity), or ``"auto"``:
         Taylor mode from order 3 on wherever it applies, nested otherwise.
       return_method: also return which method ran (``"nested"`` or ``"taylor"``): how
         ``"auto"`` says what it picked.
@@ -326,9 +328,11 @@ def derivative(
                 )
 
             used = method
+            why = lambda: taylor_obstacle() or "method='nested' was asked for"
             if method == "auto":
-                why = taylor_obstacle() if order >= 3 else "orders below 3 are nested"
-                used = "taylor" if why is None else "nested"
+                reason = taylor_obstacle() if order >= 3 else "orders below 3 are nested"
+                used = "taylor" if reason is None else "nested"
+                why = lambda: reason
             elif method == "taylor":
                 if absent := missing_rules():
                     raise NotImplementedError(
@@ -342,8 +346,6 @@ def derivative(
                         f"quantity); got argument {i} of shape {tuple(x.shape)}, and {reason}. "
                         "Use method='nested' (or 'auto')."
                     )
-            else:
-                why = taylor_obstacle() or "method='nested' was asked for"
             if used == "taylor":
                 _check_taylor_size(g, order, x, caller)
                 out = taylor_compiled(i, order, args, g)
