@@ -5,6 +5,7 @@ nothing is compiled). The numbers themselves are checked against PyTorch and flo
 references in each function's own test file (e.g. test_penalties' float64 gradient_norm)."""
 
 import functools
+from inspect import signature
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,12 @@ def _step(p, x):
     return fgrad.step(opt, p, opt.init(p), jax.grad(loss)(p, x))
 
 
+def _zero_grad(p, x):
+    # zeros rather than PyTorch's None, where zero_grad has (or gains) set_to_none
+    kw = {"set_to_none": False} if "set_to_none" in signature(fgrad.zero_grad).parameters else {}
+    return fgrad.zero_grad(p, **kw)
+
+
 def _vjp(p, x):
     out, pullback = fgrad.vjp_intermediates(loss)(p, x)
     return out, pullback(jnp.ones((), out.dtype))
@@ -92,11 +99,7 @@ CASES = {
     "grad_intermediates": lambda p, x: fgrad.grad_intermediates(loss)(p, x),
     "value_and_grad_intermediates": lambda p, x: fgrad.value_and_grad_intermediates(loss)(p, x),
     "vjp_intermediates": _vjp,
-    "zero_grad": lambda p, x: (
-        fgrad.zero_grad(p, set_to_none=False)
-        if "set_to_none" in fgrad.zero_grad.__code__.co_varnames
-        else fgrad.zero_grad(p)
-    ),
+    "zero_grad": _zero_grad,
     "backward": lambda p, x: fgrad.backward(loss, p, x, grads=fgrad.zero_grad(p)),
     "accumulate": lambda p, x: fgrad.accumulate(loss, p, x, microbatches=2),
     "step": _step,
