@@ -30,7 +30,13 @@ class _Op(NamedTuple):
     n: int
     dtype: Any  # what the estimator computes in
     unravel: Callable[[jax.Array], Any]  # flat -> a pytree in the parameters' own dtypes
-    out_dtype: Any  # the parameters' (widest) dtype: what scalar results come back in
+    # the parameters' dtype, what results come back in (None: ``dtype``); a default so that
+    # operators built elsewhere with four fields keep working
+    out_dtype: Any = None
+
+    @property
+    def result_dtype(self) -> Any:
+        return self.dtype if self.out_dtype is None else self.out_dtype
 
 
 def _operator(f: Callable, params: Any, batch: Any, caller: str) -> _Op:
@@ -140,7 +146,7 @@ def hessian_diagonal(
 
 def _estimate(value: Any, stderr: Any, op: _Op) -> Estimate:
     """A scalar `Estimate` in the parameters' dtype."""
-    cast = lambda a: jnp.asarray(a, op.dtype).astype(op.out_dtype)
+    cast = lambda a: jnp.asarray(a, op.dtype).astype(op.result_dtype)
     return Estimate(cast(value), cast(stderr))
 
 
@@ -323,7 +329,7 @@ def hessian_eigenvalues(
     if return_vectors:
         flat = (basis.T @ y[:, order]).T  # (k, n)
         vectors = jax.vmap(op.unravel)(flat)
-    return Eigen(values.astype(op.out_dtype), vectors)
+    return Eigen(values.astype(op.result_dtype), vectors)
 
 
 class Spectrum(NamedTuple):
@@ -419,5 +425,5 @@ def hessian_spectrum(
     grid = jnp.linspace(lo - 5 * width, hi + 5 * width, grid_size, dtype=op.dtype)
     gauss = jnp.exp(-0.5 * ((grid[:, None, None] - nodes) / width) ** 2)
     density = jnp.sum(gauss * weights, axis=(1, 2)) / (runs * width * jnp.sqrt(2 * jnp.pi))
-    out = lambda a: a.astype(op.out_dtype)
+    out = lambda a: a.astype(op.result_dtype)
     return Spectrum(out(grid), out(density), out(nodes), out(weights), out(width))
