@@ -151,9 +151,60 @@ def test_errors(problem):
         curvature.hessian_diagonal(loss, p, *batch, method="dense")
     with pytest.raises(ValueError, match="which must be 'largest' or 'smallest'"):
         curvature.hessian_eigenvalues(loss, p, *batch, key=jax.random.key(0), which="both")
+    with pytest.raises(TypeError, match=r"hessian_trace: key must be a JAX PRNG key.*got int"):
+        curvature.hessian_trace(loss, p, *batch, key=0)
+    with pytest.raises(TypeError, match=r"hessian_spectrum: sigma must be a real number"):
+        curvature.hessian_spectrum(loss, p, *batch, key=jax.random.key(0), iterations=4, sigma="a")
     with pytest.raises(ValueError, match="iterations=99 exceeds"):
         curvature.hessian_spectrum(loss, p, *batch, key=jax.random.key(0), iterations=99)
     # the error names the estimator the caller called, not the HVP inside it
     with pytest.raises(TypeError, match=r"fgrad\.curvature\.hessian_trace: .*must return a scalar"):
         curvature.hessian_trace(lambda p, x, y: p["b1"], p, *batch, key=jax.random.key(0))
     assert fgrad.curvature is curvature
+
+
+def test_spectrum_refuses_a_width_that_is_not_positive(problem):
+    # sigma=-1 gave a "density" with negative values, sigma=0 NaN
+    p, batch, _, _ = problem
+    for sigma in (-1.0, 0.0, float("inf")):
+        with pytest.raises(ValueError, match=r"hessian_spectrum: sigma.* must be a positive"):
+            curvature.hessian_spectrum(
+                loss, p, *batch, key=jax.random.key(0), iterations=4, sigma=sigma
+            )
+
+
+def test_bfloat16_parameters_linear_algebra_in_float32_results_as_given():
+    # Hessian diag(2, 4, ..., 12): every estimator is exact on it with enough probes
+    a = jnp.arange(1.0, 7.0, dtype=jnp.float32)
+    f = lambda p: jnp.sum(a * p.astype(jnp.float32) ** 2)
+    p = jnp.ones(6, jnp.bfloat16)
+    key = jax.random.key(0)
+    run = lambda est, **kw: jax.jit(functools.partial(est, f, **kw))
+    diag = run(curvature.hessian_diagonal)(p)
+    tr = run(curvature.hessian_trace, samples=18)(p, key=key)  # Hutch++ exact with 3n
+    ev = run(curvature.hessian_eigenvalues, k=2, iterations=6)(p, key=key)
+    s = run(curvature.hessian_spectrum, iterations=6, runs=2)(p, key=key)
+    for x in (diag, tr.value, ev.values, s.density, s.nodes):
+        assert x.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(diag, np.float32), 2 * np.asarray(a))
+    np.testing.assert_allclose(float(tr.value), 42.0, rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(ev.values, np.float32), [12.0, 10.0], rtol=1e-2)
+
+
+def test_exact_diagonal_of_many_parameters_works_in_bounded_chunks():
+    # 30k parameters ran out of memory: all n unit vectors at once is an n x n array.
+    # By default it is built 256 HVPs at a time: no intermediate holds more than 256 n.
+    n = 3000
+    a = jnp.linspace(0.5, 2.0, n)
+    f = lambda p: jnp.sum(a * p**2) + jnp.sum(p) ** 2
+    jaxpr = jax.make_jaxpr(functools.partial(curvature.hessian_diagonal, f))(jnp.zeros(n)).jaxpr
+
+    def sizes(jp):
+        for e in jp.eqns:
+            yield from (int(np.prod(v.aval.shape)) for v in e.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                yield from sizes(sub)
+
+    assert max(sizes(jaxpr)) <= 256 * n
+    diag = jax.jit(functools.partial(curvature.hessian_diagonal, f))(jnp.zeros(n))
+    np.testing.assert_allclose(diag, 2 * a + 2, rtol=1e-12)

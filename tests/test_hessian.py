@@ -150,6 +150,13 @@ def test_errors():
         fgrad.hvp(f, p, {"a": jnp.ones(3), "b": jnp.ones(())})
     with pytest.raises(ValueError, match="method must be one of"):
         fgrad.hvp(f, p, p, method="fwd")
+    # a list where params is an array: the message says what each is
+    with pytest.raises(
+        ValueError,
+        match=r"fgrad\.hvp: .*params is an array of shape \(3,\) and dtype float32 but v is "
+        r"a list of 3 item\(s\) of float.*jnp\.asarray\(v\)",
+    ):
+        fgrad.hvp(lambda w: jnp.sum(w**3), jnp.ones(3), [1.0, 1.0, 1.0])
     with pytest.raises(TypeError, match=r"must return a scalar .*shape \(2,\)"):
         fgrad.hessian(lambda p: p["a"] * p["b"])(p)
     with pytest.raises(TypeError, match=r"must return a scalar"):

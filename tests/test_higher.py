@@ -106,7 +106,10 @@ def test_auto_picks_taylor_only_where_it_applies():
     x = jnp.float32(0.4)
     assert fgrad.derivative(jnp.sin, 3, return_method=True)(x)[1] == "taylor"
     assert fgrad.derivative(jnp.sin, 2, return_method=True)(x)[1] == "nested"
-    assert fgrad.derivative(jnp.sin, 3, return_method=True)(jnp.ones(3))[1] == "nested"
+    # an elementwise f on a vector: Taylor mode per element; anything else: nested
+    assert fgrad.derivative(jnp.sin, 3, return_method=True)(jnp.ones(3))[1] == "taylor"
+    mixing = lambda v: jnp.sin(v) * jnp.sum(v)
+    assert fgrad.derivative(mixing, 3, return_method=True)(jnp.ones(3))[1] == "nested"
     # relu is a custom_jvp function: jet has no rule for it, auto falls back to nested.
     f = lambda v: jax.nn.relu(v) ** 4
     value, how = fgrad.derivative(f, 3, return_method=True)(x)
@@ -123,6 +126,8 @@ def test_errors():
         fgrad.derivative(jnp.sin, 2)(jnp.int32(3))
     with pytest.raises(TypeError, match="argument 0 must be floating point"):
         fgrad.derivative(jnp.sin, 2)(3)
+    with pytest.raises(TypeError, match=r"argument 0 must be floating point.*complex"):
+        fgrad.derivative(jnp.sin, 2)(1j)
     with pytest.raises(ValueError, match="order must be >= 0"):
         fgrad.derivative(jnp.sin, -1)
     with pytest.raises(TypeError, match="order must be an int"):
@@ -162,3 +167,56 @@ def test_tanh_compositions_to_order_8_closed_form(order):
         for method in ("taylor", "nested"):
             got = fgrad.derivative(f, order, method=method)(jnp.float64(x))
             np.testing.assert_allclose(float(got), expected, rtol=1e-9, err_msg=method)
+
+
+# --- high orders: exact or refused, eager and jit alike -----------------------------------
+
+
+def test_high_orders_do_not_overflow_and_agree_eager_and_jit():
+    # order! overflows float32 from 35 on (NaN before); e^0.5/34! is a denormal that jit
+    # flushed to zero (0.0 eagerly, 1.6487 under jit before).
+    x = jnp.float32(0.5)
+    cases = [
+        (lambda v: v**3, 35, 0.0),
+        (jnp.sin, 35, math.sin(0.5 + 35 * math.pi / 2)),
+        (jnp.sin, 40, math.sin(0.5 + 40 * math.pi / 2)),
+        (jnp.exp, 34, math.exp(0.5)),
+    ]
+    for f, order, expected in cases:
+        got = fgrad.derivative(f, order)(x)
+        assert float(got) == pytest.approx(expected, rel=1e-5, abs=1e-6), (order, got)
+    d = fgrad.derivative(jnp.exp, 34)
+    assert float(jax.jit(d)(x)) == pytest.approx(float(d(x)), rel=1e-6)
+
+
+def test_taylor_refuses_functions_that_mix_elements():
+    x = jnp.array([0.5, 1.0, 2.0])
+    for f, what in ((lambda v: v * jnp.sum(v), "reduce_sum"), (lambda v: v[::-1] ** 3, "rev")):
+        with pytest.raises(ValueError, match=rf"does not act elementwise|mixes elements.*`{what}`"):
+            fgrad.derivative(f, 3, method="taylor")(x)
+    # auto computes them by nested reverse mode, d_3 = ∇Σ d_2, as PyTorch would
+    xt = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
+    d = (xt * xt.sum() ** 2 + torch.sin(xt).sum()).sum()
+    for _ in range(3):
+        (d,) = torch.autograd.grad(d, xt, create_graph=True)
+        d = d.sum() if _ < 2 else d
+    mixing = lambda v: v * jnp.sum(v) ** 2 + jnp.sum(jnp.sin(v))
+    got, how = fgrad.derivative(mixing, 3, return_method=True)(x)
+    assert how == "nested"
+    assert_tree_allclose(got, d)
+    got, how = fgrad.derivative(lambda v: v[::-1] ** 3, 3, return_method=True)(x)
+    assert how == "nested"
+    assert_tree_allclose(got, jnp.full(3, 6.0))  # ∂³/∂v_j³ of v_j³, summed
+
+
+def test_order_30_on_a_vector_is_taylor_per_element_or_refused():
+    # Hung before: auto nested 30 reverse passes (compile time grows ~4x per order).
+    x = jnp.array([0.0, 1.0, 2.0])
+    got, how = fgrad.derivative(jnp.sin, 30, return_method=True)(x)
+    assert how == "taylor"
+    expected = [math.sin(float(v) + 30 * math.pi / 2) for v in x]
+    assert_tree_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"order 30 by nested reverse mode is out of reach.*`rev`"):
+        fgrad.derivative(lambda v: jnp.sin(v) * v[::-1], 30)(x)
+    with pytest.raises(ValueError, match=r"order 100 by Taylor mode is out of reach"):
+        fgrad.derivative(lambda v: jnp.tanh(jnp.sin(v) * 2.0 + v**2), 100)(jnp.float32(0.5))

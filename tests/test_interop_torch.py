@@ -91,3 +91,42 @@ def test_errors(cnn):
         tt.from_jax({"weight": jnp.ones((2, 3))}, nn.Linear(3, 2))
     with pytest.raises(ValueError, match=r"'weight' has shape \(3, 2\)"):
         tt.from_jax({"weight": jnp.ones((3, 2)), "bias": jnp.ones(2)}, nn.Linear(3, 2))
+
+
+def test_bfloat16_both_ways():
+    # bfloat16 parameters failed in NumPy on the way in and out (NumPy has no bfloat16)
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(3, 2)).to(torch.bfloat16)
+    v = tt.to_linen(lin, rename={"0": "d"})
+    assert v["params"]["d"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(v["params"]["d"]["kernel"], np.float32), lin[0].weight.detach().float().numpy().T
+    )
+    flat = tt.to_jax(lin)
+    assert flat["0.weight"].dtype == jnp.bfloat16
+    # back: into a bfloat16 module and into a float32 one, exactly (bfloat16 ⊂ float32)
+    trained = jax.tree.map(lambda a: a * 2, v)
+    back = tt.from_linen(
+        trained, nn.Sequential(nn.Linear(3, 2)).to(torch.bfloat16), rename={"0": "d"}
+    )
+    assert back[0].weight.dtype == torch.bfloat16
+    assert torch.equal(back[0].weight, lin[0].weight * 2)
+    back32 = tt.from_jax(jax.tree.map(lambda a: a * 2, flat), nn.Sequential(nn.Linear(3, 2)))
+    assert torch.equal(back32[0].bias, lin[0].bias.float() * 2)
+
+
+def test_a_state_dict_instead_of_a_module_says_what_to_pass():
+    sd = nn.Linear(3, 2).state_dict()
+    for fn in (tt.to_linen, tt.to_jax):
+        with pytest.raises(
+            TypeError,
+            match=rf"{fn.__name__}: module must be a torch\.nn\.Module"
+            r".*got OrderedDict.*load_state_dict",
+        ):
+            fn(sd)
+    with pytest.raises(TypeError, match=r"from_linen: module must be a torch\.nn\.Module"):
+        tt.from_linen({"params": {}}, sd)
+    with pytest.raises(TypeError, match=r"rename must be a dict or a function .* got int"):
+        tt.to_linen(nn.Linear(3, 2), rename=3)
+    with pytest.raises(TypeError, match=r"to_nnx: model must be a flax\.nnx\.Module, got dict"):
+        tt.to_nnx(nn.Linear(3, 2), {"kernel": jnp.ones((3, 2))})

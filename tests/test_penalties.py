@@ -343,3 +343,90 @@ def test_errors(mlp):
         P.gradient_norm(jax_net, params, JX)
     with pytest.raises(ValueError, match=r"shape \(6, C\)"):
         P.jacobian_norm(jax_critic, params, JX, key=jax.random.key(0))
+
+
+# --- gradient_norm: stationary points, float64, traced r -----------------------------
+
+
+def _torch_gradient_norm(w0, loss_t):
+    w = torch.tensor(np.asarray(w0), requires_grad=True)
+    (g,) = torch.autograd.grad(loss_t(w), w, create_graph=True)
+    n = g.norm()
+    n.backward()
+    return n, w.grad
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_gradient_norm_gradient_at_a_stationary_point_is_zero_as_in_torch(method):
+    # ∇L = 0 at w = 1 for L = Σ (w - 1)²: PyTorch's norm backward gives 0, not NaN.
+    w0 = np.ones(3, np.float32)
+    n_t, g_t = _torch_gradient_norm(w0, lambda w: ((w - 1.0) ** 2).sum())
+    loss = lambda p: jnp.sum((p - 1.0) ** 2)
+    value, grad = jax.jit(jax.value_and_grad(lambda p: P.gradient_norm(loss, p, method=method)))(
+        jnp.asarray(w0)
+    )
+    assert_tree_allclose((value, grad), (n_t, g_t))
+    assert not bool(jnp.any(jnp.isnan(grad)))
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_gradient_norm_keeps_float64(mlp, method):
+    # float64 in, float64 out: value and parameter gradient against PyTorch in float64.
+    mods, params = mlp
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x, y = jnp.asarray(X, jnp.float64), jnp.asarray(X2[:, :C], jnp.float64)
+        kw = {"r": 1e-6} if method == "finite_difference" else {}
+        # (float32 inside gave a 3e-8 relative error here, and check_grads failed at 1e-4)
+        value, grads = jax.jit(
+            jax.value_and_grad(lambda p: P.gradient_norm(mse, p, x, y, method=method, **kw))
+        )(p64)
+        assert value.dtype == jnp.float64
+        assert {a.dtype for a in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float64)}
+        m64 = copy.deepcopy(mods)
+        for m in m64:
+            m.double()
+        t64 = lambda: t_gradient_norm_data(m64, X.astype(np.float64), X2[:, :C].astype(np.float64))
+        value_t, grads_t = run_torch(m64, t64)
+        assert_tree_allclose(value, value_t, rtol=1e-12)
+        tol = 1e-12 if method == "exact" else 1e-5  # first order in r
+        assert_tree_allclose(grads, grads_t, rtol=tol, atol=tol)
+
+
+def t_gradient_norm_data(mods, x, y):
+    loss = ((torch_net(mods, torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean()
+    ps = [mods[0].weight, mods[0].bias, mods[1].weight, mods[1].bias]
+    gs = torch.autograd.grad(loss, ps, create_graph=True)
+    return torch.sqrt(sum((g**2).sum() for g in gs))
+
+
+def test_gradient_norm_finite_difference_step_may_be_traced(mlp):
+    _, params = mlp
+    fd = lambda p, r: P.gradient_norm(mse, p, JX, JY, method="finite_difference", r=r)
+    traced = jax.jit(jax.grad(fd))(params, 0.01)
+    assert_tree_allclose(traced, jax.grad(fd)(params, 0.01), rtol=1e-5)
+    with pytest.raises(ValueError, match="gradient_norm: r must be a positive float"):
+        P.gradient_norm(mse, params, JX, JY, method="finite_difference", r=0.0)
+    with pytest.raises(TypeError, match=r"gradient_norm: r must be a positive float .* \(2,\)"):
+        jax.jit(fd)(params, jnp.ones(2))
+
+
+def test_hostile_inputs_get_errors_naming_the_penalty(mlp):
+    _, params = mlp
+    with pytest.raises(TypeError, match=r"wgan_gp: key must be a JAX PRNG key.*got int"):
+        P.wgan_gp(jax_critic, params, JX, JX2, 0)
+    with pytest.raises(TypeError, match=r"jacobian_norm: key must be a JAX PRNG key"):
+        P.jacobian_norm(jax_net, params, JX, 0)
+    with pytest.raises(TypeError, match=r"r1: gamma must be a real number, got 'a'"):
+        P.r1(jax_critic, params, JX, gamma="a")
+    with pytest.raises(TypeError, match=r"gradient_norm: r \(the finite-difference step\) must"):
+        P.gradient_norm(mse, params, JX, JY, method="finite_difference", r="a")
+    with pytest.raises(TypeError, match=r"intermediate_gradient: names must be a tap name"):
+        P.intermediate_gradient(jax_critic, params, JX, 3)
+    with pytest.raises(ValueError, match=r"^fgrad\.penalties\.intermediate_gradient: no tap named"):
+        P.intermediate_gradient(jax_critic, params, JX, "g")
+    with pytest.raises(TypeError, match=r"lazy: penalty must be a function"):
+        P.lazy(3, every=2)
+    # size-1 batches and parameters: correct numbers (closed forms)
+    assert float(P.input_gradient(lambda w, x: x @ w, jnp.array([3.0, 4.0]), JX[:1, :2])) == 25.0
+    assert float(P.gradient_norm(lambda w: w**2, jnp.float32(2.0))) == 4.0

@@ -140,3 +140,60 @@ def describe_tree(tree: Any) -> str:
         parts.append(f"{where}: {dtype}{tuple(jnp.shape(leaf))}")
     more = f", ... ({len(leaves)} leaves)" if len(leaves) > 6 else ""
     return "{" + ", ".join(parts) + more + "}"
+
+
+def describe(tree: Any) -> str:
+    """A short description of a pytree as a user would recognise it: ``an array of shape
+    (3,) and dtype float32``, ``a list of 3 Python floats``, ``a dict with keys ['a']``."""
+
+    def one(x: Any) -> str:
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return f"an array of shape {tuple(x.shape)} and dtype {x.dtype}"
+        return f"a Python {type(x).__name__}"
+
+    if isinstance(tree, (list, tuple)):
+        kinds = sorted({type(x).__name__ for x in tree})
+        inner = f" of {', '.join(kinds)}" if kinds and len(kinds) <= 2 else ""
+        return f"a {type(tree).__name__} of {len(tree)} item(s){inner}"
+    if isinstance(tree, dict):
+        return f"a dict with keys {sorted(map(str, tree))}"
+    if tree is None:
+        return "None"
+    if len(jax.tree.leaves(tree)) != 1:
+        return f"a {type(tree).__name__} pytree with structure {jax.tree.structure(tree)}"
+    return one(tree)
+
+
+def half_precision(dtype: Any) -> bool:
+    """Whether ``dtype`` is a floating dtype narrower than 32 bits (bfloat16, float16)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
+def require_prng_key(key: Any, caller: str) -> None:
+    """Raises TypeError unless ``key`` is a JAX PRNG key: a typed key
+    (``jax.random.key``) or a raw ``uint32[2]`` one (``jax.random.PRNGKey``)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return
+    if dtype == jnp.uint32 and jnp.shape(key)[-1:] == (2,):
+        return
+    got = f"{type(key).__name__}" if dtype is None else f"an array of {dtype}{jnp.shape(key)}"
+    raise TypeError(f"{caller}: key must be a JAX PRNG key, e.g. jax.random.key(0); got {got}.")
+
+
+def real_number(value: Any, name: str, caller: str) -> None:
+    """Raises TypeError unless ``value`` is a real number: a Python int or float (not a
+    bool) or a real scalar array (traced ones included)."""
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float))
+        or (
+            hasattr(value, "dtype")
+            and jnp.ndim(value) == 0
+            and (
+                jnp.issubdtype(value.dtype, jnp.floating)
+                or jnp.issubdtype(value.dtype, jnp.integer)
+            )
+        )
+    ):
+        raise TypeError(f"{caller}: {name} must be a real number, got {value!r}.")

@@ -29,16 +29,37 @@ from fgrad._typing import PyTree
 class _Op(NamedTuple):
     matvec: Callable[[jax.Array], jax.Array]  # flat vector -> flat H v
     n: int
-    dtype: Any
-    unravel: Callable[[jax.Array], Any]
+    dtype: Any  # what the estimator computes in
+    unravel: Callable[[jax.Array], Any]  # flat -> a pytree in the parameters' own dtypes
+    # the parameters' dtype, what results come back in (None: ``dtype``); a default so that
+    # operators built elsewhere with four fields keep working
+    out_dtype: Any = None
+
+    @property
+    def result_dtype(self) -> Any:
+        return self.dtype if self.out_dtype is None else self.out_dtype
 
 
 def _operator(f: Callable, params: Any, batch: Any, caller: str) -> _Op:
+    """The Hessian as a flat operator. ``f`` always sees the parameters as given; with
+    half-precision parameters (bfloat16, float16) the estimator's own linear algebra runs in
+    float32 (QR and eigh have no bfloat16 kernels, and Lanczos loses orthogonality at 8
+    bits), each HVP taking and giving the parameters' dtype; results come back in it."""
     _checks.require_float_tree(params, caller, "params")
     matvec, flat, unravel = flat_hvp(f, params, batch, caller)
     if flat.size == 0:
         raise ValueError(f"{caller}: params has no entries.")
-    return _Op(matvec, int(flat.size), flat.dtype, unravel)
+    given = flat.dtype
+    if not _checks.half_precision(given):
+        return _Op(matvec, int(flat.size), given, unravel, given)
+    work = jnp.dtype(jnp.float32)
+    return _Op(
+        lambda u: matvec(u.astype(given)).astype(work),
+        int(flat.size),
+        work,
+        lambda u: unravel(u.astype(given)),
+        given,
+    )
 
 
 def _require_key(key: Any, caller: str) -> None:
@@ -47,10 +68,14 @@ def _require_key(key: Any, caller: str) -> None:
             f"{caller}: this estimator is random; pass key=jax.random.key(seed) (an explicit "
             "PRNG key, so results are reproducible)."
         )
+    _checks.require_prng_key(key, caller)
 
 
 def _rademacher(key, shape, dtype):
     return jax.random.rademacher(key, shape, dtype=dtype)
+
+
+_DIAGONAL_CHUNK = 256  # hessian_diagonal's default: bounded memory for large models
 
 
 class Estimate(NamedTuple):
@@ -80,7 +105,10 @@ def hessian_diagonal(
         Rademacher probes ``z``, unbiased, with a standard error.
       key: PRNG key (``"hutchinson"`` only).
       samples: number of probes (``"hutchinson"``).
-      chunk_size: unit vectors per vectorised batch of HVPs (``"exact"``; None: all).
+      chunk_size: unit vectors per vectorised batch of HVPs (``"exact"``). The default,
+        ``None``, takes at most 256 at a time, so memory does not grow with the square of
+        the parameter count; raise it for speed when memory allows, lower it if the
+        HVPs of one chunk do not fit.
 
     Returns:
       ``"exact"``: the diagonal as a pytree like ``params``. ``"hutchinson"``: an
@@ -104,10 +132,8 @@ def hessian_diagonal(
             e = jnp.zeros(op.n, op.dtype).at[i].set(1)
             return op.matvec(e)[i]
 
-        if chunk_size is None:
-            diag = jax.vmap(entry)(idx)
-        else:
-            diag = jax.lax.map(entry, idx, batch_size=min(chunk_size, op.n))
+        chunk = min(_DIAGONAL_CHUNK if chunk_size is None else chunk_size, op.n)
+        diag = jax.vmap(entry)(idx) if chunk == op.n else jax.lax.map(entry, idx, batch_size=chunk)
         return op.unravel(diag)
     if method == "hutchinson":
         _require_key(key, caller)
@@ -117,6 +143,12 @@ def hessian_diagonal(
         stderr = jnp.std(terms, axis=0, ddof=1) / jnp.sqrt(samples) if samples > 1 else None
         return Estimate(op.unravel(terms.mean(0)), None if stderr is None else op.unravel(stderr))
     raise ValueError(f"{caller}: method must be 'exact' or 'hutchinson', got {method!r}.")
+
+
+def _estimate(value: Any, stderr: Any, op: _Op) -> Estimate:
+    """A scalar `Estimate` in the parameters' dtype."""
+    cast = lambda a: jnp.asarray(a, op.dtype).astype(op.result_dtype)
+    return Estimate(cast(value), cast(stderr))
 
 
 def hessian_trace(
@@ -160,7 +192,7 @@ def hessian_trace(
         z = _rademacher(key, (op.n, samples), op.dtype)
         terms = jnp.sum(z * apply(z), axis=0)
         stderr = jnp.std(terms, ddof=1) / jnp.sqrt(samples) if samples > 1 else jnp.nan
-        return Estimate(terms.mean(), stderr)
+        return _estimate(terms.mean(), stderr, op)
     if method == "hutch++":
         k = samples // 3
         if k < 1:
@@ -173,7 +205,7 @@ def hessian_trace(
         g_perp = g - q @ (q.T @ g)
         terms = jnp.sum(g_perp * apply(g_perp), axis=0)
         stderr = jnp.std(terms, ddof=1) / jnp.sqrt(k) if k > 1 else jnp.nan
-        return Estimate(top + terms.mean(), stderr)
+        return _estimate(top + terms.mean(), stderr, op)
     raise ValueError(f"{caller}: method must be 'hutch++' or 'hutchinson', got {method!r}.")
 
 
@@ -298,7 +330,7 @@ def hessian_eigenvalues(
     if return_vectors:
         flat = (basis.T @ y[:, order]).T  # (k, n)
         vectors = jax.vmap(op.unravel)(flat)
-    return Eigen(values, vectors)
+    return Eigen(values.astype(op.result_dtype), vectors)
 
 
 class Spectrum(NamedTuple):
@@ -346,7 +378,8 @@ def hessian_spectrum(
       iterations: Lanczos steps per run (at most the number of parameters).
       runs: independent starting vectors.
       grid_size: points of the returned density grid.
-      sigma: Gaussian smoothing width; default 1% of the spectral range.
+      sigma: Gaussian smoothing width, a positive number; default (``None``) 1% of the
+        spectral range.
 
     Returns:
       A `Spectrum`.
@@ -366,6 +399,13 @@ def hessian_spectrum(
     runs = _checks.positive_int(runs, "runs", caller)
     grid_size = _checks.positive_int(grid_size, "grid_size", caller)
     m = _checks.positive_int(iterations, "iterations", caller)
+    if sigma is not None and not isinstance(sigma, jax.core.Tracer):
+        _checks.real_number(sigma, "sigma", caller)
+        if not 0 < float(sigma) < jnp.inf:
+            raise ValueError(
+                f"{caller}: sigma, the width of the Gaussian that smooths the density, must "
+                f"be a positive finite number, got {sigma!r} (None: 1% of the spectral range)."
+            )
     if m > op.n:
         raise ValueError(
             f"{caller}: iterations={m} exceeds the number of parameters ({op.n}); use at "
@@ -382,8 +422,9 @@ def hessian_spectrum(
     nodes, weights = jax.lax.map(one, jax.random.split(key, runs))
     lo, hi = jnp.min(nodes), jnp.max(nodes)
     span = jnp.maximum(hi - lo, jnp.finfo(op.dtype).eps * jnp.maximum(jnp.abs(hi), 1.0))
-    width = 0.01 * span if sigma is None else jnp.asarray(sigma, op.dtype)
+    width = 0.01 * span if sigma is None else jnp.asarray(sigma).astype(op.dtype)
     grid = jnp.linspace(lo - 5 * width, hi + 5 * width, grid_size, dtype=op.dtype)
     gauss = jnp.exp(-0.5 * ((grid[:, None, None] - nodes) / width) ** 2)
     density = jnp.sum(gauss * weights, axis=(1, 2)) / (runs * width * jnp.sqrt(2 * jnp.pi))
-    return Spectrum(grid, density, nodes, weights, width)
+    out = lambda a: a.astype(op.result_dtype)
+    return Spectrum(out(grid), out(density), out(nodes), out(weights), out(width))

@@ -36,8 +36,14 @@ def _scalar(f: Callable, caller: str) -> Callable:
 def _check_tangent(params: Any, v: Any, caller: str) -> None:
     diff = _checks.first_structure_difference(params, v)
     if diff is not None:
+        where = f": v{diff}" if diff.strip() and not diff.startswith(" is ") else ""
+        hint = (
+            " Build v like params, e.g. jax.tree.map(jnp.ones_like, params) or "
+            "jnp.asarray(v) for an array."
+        )
         raise ValueError(
-            f"{caller}: v must have the structure and shapes of params (the primals), but v{diff}."
+            f"{caller}: v must have the structure and shapes of params (the primals); "
+            f"params is {_checks.describe(params)} but v is {_checks.describe(v)}{where}." + hint
         )
 
 

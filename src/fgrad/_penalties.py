@@ -130,8 +130,21 @@ def intermediate_gradient(
     """
     caller = "fgrad.penalties.intermediate_gradient"
     n = _batch_of(x, caller)
+    many = isinstance(names, (list, tuple))
+    if not (isinstance(names, str) or (many and names and all(isinstance(s, str) for s in names))):
+        raise TypeError(
+            f"{caller}: names must be a tap name (a str given to fgrad.tap) or a non-empty "
+            f"list of them, got {names!r}."
+        )
     total = lambda p, x_: jnp.sum(_per_example(fn(p, x_, *args), n, caller, "function"))
-    taps = grad_intermediates(total, names)(params, x)
+    try:
+        taps = grad_intermediates(total, names)(params, x)
+    except (ValueError, TypeError) as e:  # the tap checks, in the words of this function
+        msg = str(e)
+        for inner in ("fgrad.value_and_grad_intermediates:", "fgrad.grad_intermediates:"):
+            if msg.startswith(inner):
+                raise type(e)(caller + ":" + msg[len(inner) :]) from e
+        raise
     for name, g in taps.items():
         for leaf in jax.tree.leaves(g):
             if jnp.ndim(leaf) < 1 or leaf.shape[0] != n:
@@ -187,6 +200,7 @@ def wgan_gp(
     caller = "fgrad.penalties.wgan_gp"
     if key is None and epsilon is None:
         _no_positional_key(args, caller, "the critic")
+    _checks.real_number(weight, "weight", caller)
     n = _batch_of(real, caller, "real")
     _batch_of(fake, caller, "fake")
     if jnp.shape(real) != jnp.shape(fake):
@@ -200,6 +214,7 @@ def wgan_gp(
                 f"{caller}: pass key=jax.random.key(seed) for the random interpolation "
                 "weights (or epsilon= to give them)."
             )
+        _checks.require_prng_key(key, caller)
         epsilon = jax.random.uniform(key, (n,), dtype=real.dtype)
     elif jnp.shape(epsilon) != (n,):
         raise ValueError(f"{caller}: epsilon must have shape ({n},), got {jnp.shape(epsilon)}.")
@@ -235,6 +250,7 @@ def r1(critic: Callable, params: Any, real: jax.Array, *args: Any, gamma: float 
       converge?", 2018.
     """
     caller = "fgrad.penalties.r1"
+    _checks.real_number(gamma, "gamma", caller)
     _batch_of(real, caller, "real")
     return 0.5 * gamma * _mean_sq_input_grad(critic, params, real, args, caller)
 
@@ -243,6 +259,7 @@ def r2(critic: Callable, params: Any, fake: jax.Array, *args: Any, gamma: float 
     """The R2 penalty (Mescheder et al. 2018): `r1` on generated samples,
     ``γ/2 · mean_i ‖∇D(fake_i)‖²``."""
     caller = "fgrad.penalties.r2"
+    _checks.real_number(gamma, "gamma", caller)
     _batch_of(fake, caller, "fake")
     return 0.5 * gamma * _mean_sq_input_grad(critic, params, fake, args, caller)
 
@@ -269,6 +286,11 @@ def lazy(penalty: Callable[P, Any], every: int) -> Callable[Concatenate[Any, P],
       [500.0, 0.0]
     """
     _checks.positive_int(every, "every", "fgrad.penalties.lazy")
+    if not callable(penalty):
+        raise TypeError(
+            "fgrad.penalties.lazy: penalty must be a function, e.g. "
+            f"functools.partial(fgrad.penalties.r1, critic); got {type(penalty).__name__}."
+        )
 
     def wrapped(step, *args, **kwargs):
         out = jax.eval_shape(lambda: penalty(*args, **kwargs))
@@ -281,8 +303,29 @@ def lazy(penalty: Callable[P, Any], every: int) -> Callable[Concatenate[Any, P],
     return wrapped
 
 
+def _widest_float(leaves: list) -> Any:
+    """The widest floating dtype among ``leaves`` (float32 for none): the precision the
+    caller gave, without relying on implicit promotion (strict mode refuses it)."""
+    dts = [jnp.dtype(jnp.result_type(x)) for x in leaves]
+    dts = [d for d in dts if jnp.issubdtype(d, jnp.floating)]
+    return max(dts, key=lambda d: jnp.finfo(d).bits, default=jnp.dtype(jnp.float32))
+
+
+def _safe_norm(sq: jax.Array) -> jax.Array:
+    """``sqrt(sq)`` whose derivative at ``sq = 0`` is 0 (PyTorch's ``norm`` backward at a
+    zero vector), not ``inf * 0 = NaN``."""
+    pos = sq > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, jnp.ones_like(sq))), jnp.zeros_like(sq))
+
+
 def _grad_leaves_norm(g: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(leaf.astype(jnp.float32) ** 2) for leaf in jax.tree.leaves(g)))
+    """The 2-norm of all leaves of ``g``, in their widest dtype (sums of squares of
+    half-precision leaves accumulated in float32, then cast back)."""
+    leaves = jax.tree.leaves(g)
+    out = _widest_float(leaves)
+    acc = out if jnp.finfo(out).bits >= 32 else jnp.dtype(jnp.float32)
+    sq = sum((jnp.sum(jnp.square(leaf.astype(acc))) for leaf in leaves), jnp.zeros((), acc))
+    return _safe_norm(sq).astype(out)
 
 
 def gradient_norm(
@@ -335,30 +378,45 @@ def gradient_norm(
         raise ValueError(
             f"{caller}: method must be 'exact' or 'finite_difference', got {method!r}."
         )
-    if not r > 0:
-        raise ValueError(f"{caller}: r must be positive, got {r!r}.")
-    return _fd_norm(scalar, float(r), params)
+    if isinstance(r, jax.core.Tracer):
+        if not (jnp.ndim(r) == 0 and jnp.issubdtype(jnp.result_type(r), jnp.floating)):
+            raise TypeError(
+                f"{caller}: r must be a positive float (a scalar), got a traced "
+                f"{jnp.result_type(r)} array of shape {jnp.shape(r)}."
+            )
+    else:
+        _checks.real_number(r, "r (the finite-difference step)", caller)
+        if not float(r) > 0:
+            raise ValueError(f"{caller}: r must be a positive float, got {r!r}.")
+    return _fd_norm(scalar, jnp.asarray(r), params)
 
 
-def _fd_norm(scalar: Callable, r: float, params: Any) -> jax.Array:
+def _fd_norm(scalar: Callable, r: jax.Array, params: Any) -> jax.Array:
+    """The norm, whose custom backward pass is the two-gradient finite difference; ``r``
+    may be traced (it gets no gradient)."""
+
     @jax.custom_vjp
-    def norm(p):
+    def norm(p, r):
         return _grad_leaves_norm(jax.grad(scalar)(p))
 
-    def fwd(p):
+    def fwd(p, r):
         g = jax.grad(scalar)(p)
         n = _grad_leaves_norm(g)
-        return n, (p, g, n)
+        return n, (p, g, n, r)
 
     def bwd(res, ct):
-        p, g, n = res
-        unit = jax.tree.map(lambda x: x / n.astype(x.dtype), g)
-        shifted = jax.tree.map(lambda a, u: a + r * u, p, unit)
+        p, g, n, r = res
+        # At a stationary point g = 0 the unit vector is taken as 0: the shifted gradient
+        # equals g and the cotangent is 0, PyTorch's norm backward at a zero vector.
+        safe_n = jnp.where(n > 0, n, jnp.ones_like(n))
+        unit = jax.tree.map(lambda x: x / safe_n.astype(x.dtype), g)
+        shifted = jax.tree.map(lambda a, u: a + r.astype(a.dtype) * u, p, unit)
         g2 = jax.grad(scalar)(shifted)
-        return (jax.tree.map(lambda a, b: ct.astype(a.dtype) * (a - b) / r, g2, g),)
+        cts = jax.tree.map(lambda a, b: ct.astype(a.dtype) * (a - b) / r.astype(a.dtype), g2, g)
+        return cts, jnp.zeros_like(r)
 
     norm.defvjp(fwd, bwd)
-    return norm(params)
+    return norm(params, r)
 
 
 def jacobian_norm(
@@ -418,6 +476,7 @@ def jacobian_norm(
                 f"{caller}: pass key=jax.random.key(seed) for the random projections (or "
                 "vectors= to give them)."
             )
+        _checks.require_prng_key(key, caller)
         _checks.positive_int(projections, "projections", caller)
         v = jax.random.normal(key, (projections, n, c), out.dtype)
         vectors = v / jnp.linalg.norm(v, axis=-1, keepdims=True)

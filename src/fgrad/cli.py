@@ -3,7 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _version() -> str:
+    from fgrad import __version__
+
+    return __version__
+
+
+def check_output_path(path: str, option: str) -> None:
+    """Raises OSError, in one line naming ``option``, unless ``path`` can be written: checked
+    before a run, so that minutes of measurements are not lost to a typo at the end."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise OSError(f"{option} {path}: is a directory; give a file name.")
+    if os.path.exists(full):
+        if not os.access(full, os.W_OK):
+            raise OSError(f"{option} {path}: the file is not writable.")
+        return
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):  # missing folders are created; their parent must allow it
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OSError(f"{option} {path}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(f"{option} {path}: the folder {parent} is not writable.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -12,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fgrad", description="PyTorch's autograd idioms as pure, jit-compiled JAX."
     )
+    p.add_argument("--version", action="version", version=f"fgrad {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser(
         "reproduce",
@@ -73,7 +100,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except OSError as e:  # a file that cannot be read or written: one line, no traceback
+        reason = e.strerror or str(e)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fgrad {args.command}: {where}{reason}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # options that cannot run here: say what to do, no traceback
+        print(e, file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "reproduce":
+        if args.json:
+            check_output_path(args.json, "--json")
         from fgrad import _reproduce
 
         return _reproduce.main(
@@ -82,21 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from fgrad import bench
 
-        try:
-            return bench.main(
-                suite=args.suite,
-                device=args.device,
-                only=args.only,
-                json_path=args.json,
-                plot_path=args.plot,
-                threads=args.threads,
-                out=sys.stdout,
-                precision=args.precision,
-                log_path=args.log,
-            )
-        except ValueError as e:  # options that cannot run here: say what to do, no traceback
-            print(e, file=sys.stderr)
-            return 2
+        for option, path in (("--json", args.json), ("--plot", args.plot), ("--log", args.log)):
+            if path:
+                check_output_path(path, option)
+        return bench.main(
+            suite=args.suite,
+            device=args.device,
+            only=args.only,
+            json_path=args.json,
+            plot_path=args.plot,
+            threads=args.threads,
+            out=sys.stdout,
+            precision=args.precision,
+            log_path=args.log,
+        )
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

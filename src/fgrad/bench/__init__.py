@@ -181,6 +181,11 @@ def run(
         )
     if device not in ("cpu", "gpu", "auto"):
         raise ValueError(f"fgrad bench: unknown device {device!r}; use cpu, gpu or auto.")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(
+            f"fgrad bench: --threads must be 0 (all cores) or a positive number of threads, "
+            f"got {threads!r}."
+        )
     gpu = device != "cpu" and _gpu_available()  # one probe (a fresh JAX process)
     if device == "auto":
         device = "gpu" if gpu else "cpu"

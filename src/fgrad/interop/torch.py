@@ -42,7 +42,36 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    """A tensor as NumPy, in its own dtype (bfloat16, which NumPy lacks, as JAX's
+    ml_dtypes bfloat16, converted exactly through float32)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy().astype(jnp.bfloat16)
+    return t.numpy()
+
+
+def _to_torch(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A JAX/NumPy array as a tensor of ``dtype``; bfloat16 and other dtypes torch cannot
+    take from NumPy go through float32 (exact for bfloat16 and float16)."""
+    arr = np.array(value)
+    if arr.dtype.kind == "V" or arr.dtype == np.dtype(jnp.bfloat16):
+        arr = arr.astype(np.float32)
+    return torch.from_numpy(arr).to(dtype)
+
+
+def _require_module(module: Any, caller: str, what: str = "module") -> None:
+    if isinstance(module, nn.Module):
+        return
+    hint = ""
+    if isinstance(module, Mapping):
+        hint = (
+            " It is a mapping (a state_dict?): build the model and load it first, "
+            "model.load_state_dict(state_dict), then pass the model."
+        )
+    raise TypeError(
+        f"{caller}: {what} must be a torch.nn.Module (the PyTorch model itself), got "
+        f"{type(module).__name__}.{hint}"
+    )
 
 
 def _kernel_to_flax(w: np.ndarray, module: nn.Module) -> np.ndarray:
@@ -62,6 +91,11 @@ def _rename(path: str, rename: Rename) -> str:
         return path
     if callable(rename):
         return rename(path)
+    if not isinstance(rename, Mapping):
+        raise TypeError(
+            "fgrad.interop.torch: rename must be a dict or a function mapping PyTorch module "
+            f"paths ('features.0') to Flax ones, got {type(rename).__name__}."
+        )
     return rename.get(path, path)
 
 
@@ -121,6 +155,7 @@ def to_jax(module: nn.Module, dtype: Any = None) -> dict[str, jax.Array]:
       >>> sorted(to_jax(torch.nn.Linear(3, 2)))
       ['bias', 'weight']
     """
+    _require_module(module, "fgrad.interop.torch.to_jax")
     return {
         k: jnp.asarray(_np(v), dtype)
         for k, v in module.state_dict().items()
@@ -130,6 +165,12 @@ def to_jax(module: nn.Module, dtype: Any = None) -> dict[str, jax.Array]:
 
 def from_jax(params: Mapping[str, Any], module: nn.Module) -> nn.Module:
     """Loads a flat dict made by `to_jax` (possibly trained) back into ``module``."""
+    _require_module(module, "fgrad.interop.torch.from_jax")
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            "fgrad.interop.torch.from_jax: params must be a flat dict of arrays keyed by "
+            f"PyTorch names (as to_jax makes it), got {type(params).__name__}."
+        )
     sd = module.state_dict()
     missing = sorted(k for k in sd if k not in params and not k.endswith("num_batches_tracked"))
     extra = sorted(k for k in params if k not in sd)
@@ -138,7 +179,7 @@ def from_jax(params: Mapping[str, Any], module: nn.Module) -> nn.Module:
             f"fgrad.interop.torch.from_jax: keys differ from the module's state_dict: missing "
             f"{missing}, unexpected {extra}."
         )
-    new = {k: torch.from_numpy(np.array(params[k])).to(sd[k].dtype) for k in params}
+    new = {k: _to_torch(params[k], sd[k].dtype) for k in params}
     for k, v in new.items():
         if v.shape != sd[k].shape:
             raise ValueError(
@@ -175,6 +216,7 @@ def to_linen(
       >>> v["params"]["layers_0"]["kernel"].shape
       (3, 2)
     """
+    _require_module(module, "fgrad.interop.torch.to_linen")
     out: dict[str, Any] = {}
     for mpath, coll, name, t, _, mod in _entries(module, strict):
         node = out.setdefault(coll, {})
@@ -212,7 +254,7 @@ def _load(module: nn.Module, get, strict: bool) -> nn.Module:
                     f"fgrad.interop.torch: {full!r} would get shape {tuple(value.shape)}, the "
                     f"module expects {tuple(target.shape)}."
                 )
-            target.copy_(torch.from_numpy(np.array(value)).to(target.dtype))
+            target.copy_(_to_torch(value, target.dtype))
     return module
 
 
@@ -220,6 +262,12 @@ def from_linen(
     variables: Mapping[str, Any], module: nn.Module, *, rename: Rename = None, strict: bool = True
 ) -> nn.Module:
     """Loads linen variables (e.g. after training) back into the PyTorch ``module``."""
+    _require_module(module, "fgrad.interop.torch.from_linen")
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            "fgrad.interop.torch.from_linen: variables must be linen variables, a dict like "
+            f"{{'params': ...}}, got {type(variables).__name__}."
+        )
 
     def get(mpath, coll, name, full):
         return _linen_leaf(variables, coll, _split_path(_rename(mpath, rename)), name, full)
@@ -237,6 +285,12 @@ def to_nnx(
     """Copies a PyTorch module's weights into the nnx ``model`` (in place), layouts
     converted; returns ``model``. Every converted tensor must land on an existing
     variable of the same shape."""
+    _require_module(module, "fgrad.interop.torch.to_nnx")
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"fgrad.interop.torch.to_nnx: model must be a flax.nnx.Module, got "
+            f"{type(model).__name__}."
+        )
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
     for mpath, _, name, t, full, mod in _entries(module, strict):
@@ -262,6 +316,12 @@ def from_nnx(
     model: nnx.Module, module: nn.Module, *, rename: Rename = None, strict: bool = True
 ) -> nn.Module:
     """Copies the nnx ``model``'s weights back into the PyTorch ``module``."""
+    _require_module(module, "fgrad.interop.torch.from_nnx")
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"fgrad.interop.torch.from_nnx: model must be a flax.nnx.Module, got "
+            f"{type(model).__name__}."
+        )
     flat = dict(nnx.to_flat_state(nnx.state(model)))
 
     def get(mpath, coll, name, full):
