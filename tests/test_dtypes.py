@@ -118,7 +118,7 @@ CASES = {
     ),
     "input_gradient": lambda p, x: P.input_gradient(critic, p, x),
     "intermediate_gradient": lambda p, x: P.intermediate_gradient(critic, p, x, "h"),
-    "wgan_gp": lambda p, x: P.wgan_gp(critic, p, x, x[::-1], KEY),
+    "wgan_gp": lambda p, x: P.wgan_gp(critic, p, x, x[::-1], key=KEY),
     "r1": lambda p, x: P.r1(critic, p, x),
     "r2": lambda p, x: P.r2(critic, p, x),
     "lazy": _lazy,
@@ -129,7 +129,7 @@ CASES = {
         if False
         else jax.grad(lambda q: P.gradient_norm(loss, q, x))(p)
     ),
-    "jacobian_norm": lambda p, x: P.jacobian_norm(net, p, x, KEY),
+    "jacobian_norm": lambda p, x: P.jacobian_norm(net, p, x, key=KEY),
     "tap_linen": _tap_linen,
     "tap_nnx": _tap_nnx,
     "interop_torch": _interop,

@@ -414,9 +414,9 @@ def test_gradient_norm_finite_difference_step_may_be_traced(mlp):
 def test_hostile_inputs_get_errors_naming_the_penalty(mlp):
     _, params = mlp
     with pytest.raises(TypeError, match=r"wgan_gp: key must be a JAX PRNG key.*got int"):
-        P.wgan_gp(jax_critic, params, JX, JX2, 0)
+        P.wgan_gp(jax_critic, params, JX, JX2, key=0)
     with pytest.raises(TypeError, match=r"jacobian_norm: key must be a JAX PRNG key"):
-        P.jacobian_norm(jax_net, params, JX, 0)
+        P.jacobian_norm(jax_net, params, JX, key=0)
     with pytest.raises(TypeError, match=r"r1: gamma must be a real number, got 'a'"):
         P.r1(jax_critic, params, JX, gamma="a")
     with pytest.raises(TypeError, match=r"gradient_norm: r \(the finite-difference step\) must"):

@@ -213,4 +213,6 @@ def accumulate(
     mean = jax.tree.map(
         lambda s: s if is_hole(s) else s / total_w.astype(s.dtype), sums, is_leaf=is_hole
     )
-    return total_v / total_w, add_into(grads, mean, live=live, like=params)
+    # Summed in value_dt (float32 at least), returned in the loss's own dtype.
+    value = (total_v / total_w).astype(loss_dt)
+    return value, add_into(grads, mean, live=live, like=params)
