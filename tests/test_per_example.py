@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fgrad
 from fgrad import per_example as pe
 from helpers import assert_tree_allclose
 
@@ -127,3 +128,171 @@ def test_every_statistic_equals_vmap_grad_in_float64(name, methods):
         for method in methods:
             got = jax.jit(_ours, static_argnums=(0, 3))(loss_fn, p, batch, method)
             assert_tree_allclose(got, ref, **TOL)
+
+
+# ----------------------------------------------------------------------------------------
+# Composition: jit without retrace, micro-batches and fgrad.accumulate, frozen leaves,
+# a sharded batch, Flax linen and nnx models.
+
+
+@pytest.fixture(scope="module")
+def mlp6():
+    rng = np.random.default_rng(1)
+    p = _normal(rng, {"w1": (4, 5), "b1": (5,), "w2": (5, 3), "b2": (3,)})
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "y": jnp.arange(8) % 3}
+    p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
+    return p, batch, jax.jit(_reference, static_argnums=0)(mlp, p, batch)
+
+
+def test_under_jit_traces_once(mlp6):
+    p, batch, ref = mlp6
+    calls = []
+
+    def loss(p, b):
+        calls.append(1)
+        return mlp(p, b)
+
+    f = jax.jit(lambda p, b: pe.clipped_grad(loss, p, b, 0.7, with_norms=True))
+    g, norms = f(p, batch)
+    n = len(calls)
+    f(jax.tree.map(lambda x: x + 1, p), jax.tree.map(lambda x: x[::-1], batch))
+    assert len(calls) == n  # the second call reuses the compiled program
+    assert_tree_allclose(g, ref[3], rtol=1e-5, atol=1e-6)
+    assert_tree_allclose(norms, ref[1], rtol=1e-5)
+
+
+def test_microbatches_concatenate_and_accumulate(mlp6):
+    p, batch, ref = mlp6
+
+    @jax.jit
+    def run(p, b):
+        return (
+            pe.grads(mlp, p, b, microbatches=4),
+            pe.grad_norms(mlp, p, b, microbatches=2),
+            pe.clipped_grad(mlp, p, b, 0.7, microbatches=2),
+            pe.moments(mlp, p, b, microbatches=4),
+            # fgrad.accumulate over micro-batches of the clipped surrogate loss
+            fgrad.accumulate(pe.clipped_loss(mlp, 0.7), p, b, microbatch_size=3)[1],
+        )
+
+    g, norms, clipped, (mean, var), accumulated = run(p, batch)
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    assert_tree_allclose((g, norms, clipped, mean, var), (ref[0], ref[1], *ref[3:]), **tol)
+    assert_tree_allclose(accumulated, ref[3], **tol)
+
+
+def test_frozen_leaves_are_excluded_from_norms_and_get_none(mlp6):
+    p, batch, ref = mlp6
+    trainable = {"w1": False, "b1": False, "w2": True, "b2": True}
+    norms, leaf = pe.grad_norms(mlp, p, batch, trainable=trainable, per_leaf=True)
+    clipped = pe.clipped_grad(mlp, p, batch, 0.7, trainable=trainable)
+    g = ref[0]
+    expected = jnp.sqrt(ref[2]["w2"] ** 2 + ref[2]["b2"] ** 2)
+    assert leaf["w1"] is None and clipped["b1"] is None
+    assert_tree_allclose(norms, expected, rtol=1e-5)
+    c = jnp.minimum(0.7 / (expected + 1e-6), 1.0)
+    assert_tree_allclose(clipped["w2"], jnp.tensordot(c, g["w2"], axes=1) / 8, rtol=1e-5)
+
+
+def test_batch_sharded_over_eight_devices(mlp6):
+    from helpers import cpu_data_parallel
+
+    p, batch, ref = mlp6
+    shard, replicate = cpu_data_parallel("data")
+    f = jax.jit(lambda p, b: (pe.grad_norms(mlp, p, b), pe.clipped_grad(mlp, p, b, 0.7)))
+    norms, clipped = f(replicate(p), shard(batch))
+    assert len(norms.sharding.device_set) == 8
+    assert_tree_allclose((norms, clipped), (ref[1], ref[3]), rtol=1e-5, atol=1e-6)
+
+
+def _flax_batch():
+    rng = np.random.default_rng(2)
+    return {"ids": jnp.asarray(rng.integers(0, 7, size=(3, 4))), "y": jnp.array([0, 1, 2])}
+
+
+def _check_norms(loss, params, batch):
+    """Ghost norms per leaf against vmap(grad), in one compiled program."""
+
+    @jax.jit
+    def both(p, b):
+        one = lambda p, ex: loss(p, jax.tree.map(lambda x: x[None], ex))[0]
+        g = jax.vmap(jax.grad(one), in_axes=(None, 0))(p, b)
+        ref = jax.tree.map(lambda x: jnp.sqrt((x**2).reshape(x.shape[0], -1).sum(1)), g)
+        return pe.grad_norms(loss, p, b, method="ghost", per_leaf=True)[1], ref
+
+    got, ref = both(params, batch)
+    assert_tree_allclose(got, ref, rtol=2e-4, atol=1e-6)
+
+
+def test_unmodified_flax_linen_model():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(7, 8)(ids)
+            h = nn.LayerNorm()(h)
+            h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(h)
+            h = nn.relu(nn.Conv(6, (2,))(h))
+            return nn.Dense(3)(h.mean(1))
+
+    net = Net()
+    batch = _flax_batch()
+    params = net.init(jax.random.key(0), batch["ids"])["params"]
+    loss = lambda p, b: _ce(net.apply({"params": p}, b["ids"]), b["y"])
+    _check_norms(loss, params, batch)
+
+
+def test_unmodified_flax_nnx_model():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.emb = nnx.Embed(7, 8, rngs=rngs)
+            self.ln = nnx.LayerNorm(8, rngs=rngs)
+            self.att = nnx.MultiHeadAttention(2, 8, decode=False, rngs=rngs)
+            self.conv = nnx.Conv(8, 6, (2,), rngs=rngs)
+            self.out = nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, ids):
+            h = self.ln(self.emb(ids))
+            h = h + self.att(h)
+            return self.out(nnx.relu(self.conv(h)).mean(1))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    batch = _flax_batch()
+    loss = lambda s, b: _ce(nnx.merge(graphdef, s)(b["ids"]), b["y"])
+    _check_norms(loss, state, batch)
+
+
+# ----------------------------------------------------------------------------------------
+# Errors
+
+
+def test_errors_name_the_function_and_the_fix(mlp6):
+    p, batch, _ = mlp6
+    with pytest.raises(ValueError, match=r"grad_norms: loss_fn returned a scalar.*per-example"):
+        pe.grad_norms(lambda p, b: mlp(p, b).mean(), p, batch)
+    bad = {"x": batch["x"], "y": batch["y"][:5]}
+    with pytest.raises(ValueError, match=r"per_example.grads: .*same leading"):
+        pe.grads(mlp, p, bad)
+    for m in (0.0, -1.0):
+        with pytest.raises(ValueError, match=r"clipped_grad: max_norm must be positive"):
+            pe.clipped_grad(mlp, p, batch, m)
+    with pytest.raises(ValueError, match="method must be one of"):
+        pe.moments(mlp, p, batch, method="fast")
+
+
+def test_ghost_refuses_what_it_cannot_decompose_and_auto_falls_back(mlp6):
+    p, batch, _ = mlp6
+    # w1 reaches its matmul through a multiplication: not a layer weight
+    scaled = lambda p, b: mlp({**p, "w1": p["w1"] * 2.0}, b)
+    with pytest.raises(ValueError, match=r"grad_norms: method='ghost'.*\['w1'\].*dot_general.*mul"):
+        pe.grad_norms(scaled, p, batch, method="ghost")
+    # w2 is a layer weight also used by a penalty inside the per-example loss
+    penal = lambda p, b: mlp(p, b) + jnp.sum(p["w2"] ** 2)
+    with pytest.raises(ValueError, match=r"\['w2'\] is used by integer_pow"):
+        pe.grad_norms(penal, p, batch, method="ghost")
+    for fn in (scaled, penal):
+        auto = pe.grad_norms(fn, p, batch, method="auto")
+        assert_tree_allclose(auto, _reference(fn, p, batch)[1], rtol=1e-5)
