@@ -296,3 +296,106 @@ def test_ghost_refuses_what_it_cannot_decompose_and_auto_falls_back(mlp6):
     for fn in (scaled, penal):
         auto = pe.grad_norms(fn, p, batch, method="auto")
         assert_tree_allclose(auto, _reference(fn, p, batch)[1], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Opacus and BackPACK on the same weights (fgrad.interop.torch)
+
+
+def _torch_cnn():
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 2), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(27, 3)
+    )
+    x = torch.randn(4, 2, 4, 4)
+    y = torch.tensor([0, 2, 1, 2])
+    return net, x, y
+
+
+def torch_layout_cnn(p, b):
+    """The PyTorch Sequential above, on its own weights (PyTorch names and layouts)."""
+    h = jax.lax.conv_general_dilated(
+        b["x"], p["0.weight"], (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
+    h = jax.nn.relu(h + p["0.bias"][:, None, None]).reshape(h.shape[0], -1)
+    return _ce(h @ p["3.weight"].T + p["3.bias"], b["y"])
+
+
+@pytest.fixture(scope="module")
+def torch_case():
+    from fgrad.interop.torch import to_jax
+    from helpers import from_torch
+
+    net, x, y = _torch_cnn()
+    p, batch = to_jax(net), {"x": from_torch(x), "y": from_torch(y)}
+    del net
+
+    @jax.jit
+    def ours(p, b):
+        return (
+            pe.grads(torch_layout_cnn, p, b, method="ghost"),
+            pe.grad_norms(torch_layout_cnn, p, b, method="ghost", per_leaf=True),
+            pe.clipped_grad(torch_layout_cnn, p, b, 0.5, method="ghost"),
+            pe.moments(torch_layout_cnn, p, b, method="ghost"),
+        )
+
+    return ours(p, batch)
+
+
+TORCH_TOL = {"rtol": 2e-4, "atol": 1e-6}
+
+
+def test_opacus_grad_sample_and_ghost_clipping(torch_case):
+    import torch
+    from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    g, (norms, _), clipped, _ = torch_case
+    net, x, y = _torch_cnn()
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    grad_sample = {n: p.grad_sample for n, p in gsm._module.named_parameters()}
+    assert_tree_allclose(g, grad_sample, **TORCH_TOL)
+    gsm._close()
+
+    net, x, y = _torch_cnn()
+    ghost = GradSampleModuleFastGradientClipping(
+        net, max_grad_norm=0.5, use_ghost_clipping=True, loss_reduction="mean"
+    )
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(ghost.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=0.5,
+        expected_batch_size=4,
+        loss_reduction="mean",
+    )
+    crit = DPLossFastGradientClipping(ghost, opt, torch.nn.CrossEntropyLoss(), "mean")
+    opt.zero_grad()
+    crit(ghost(x), y).backward()
+    assert_tree_allclose(norms, ghost.get_norm_sample(), **TORCH_TOL)
+    opt.step()
+    assert_tree_allclose(clipped, {n: p.grad for n, p in net.named_parameters()}, **TORCH_TOL)
+
+
+def test_backpack_batch_grad_l2_variance_sum_grad_squared(torch_case):
+    import torch
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad, BatchL2Grad, SumGradSquared, Variance
+
+    g, (_, leaf_norms), _, (mean, var) = torch_case
+    net, x, y = _torch_cnn()  # fresh: the same weights, no .grad from another test
+    net = extend(net)
+    loss = extend(torch.nn.CrossEntropyLoss(reduction="sum"))(net(x), y)
+    with backpack(BatchGrad(), BatchL2Grad(), Variance(), SumGradSquared()):
+        loss.backward()
+    named = dict(net.named_parameters())
+    get = lambda attr: {n: getattr(p, attr) for n, p in named.items()}
+    assert_tree_allclose(g, get("grad_batch"), **TORCH_TOL)
+    assert_tree_allclose(jax.tree.map(jnp.square, leaf_norms), get("batch_l2"), **TORCH_TOL)
+    assert_tree_allclose(var, get("variance"), **TORCH_TOL)
+    assert_tree_allclose(mean, {n: p.grad / 4 for n, p in named.items()}, **TORCH_TOL)
+    sgs = jax.tree.map(lambda v, m: 4 * (v + m**2), var, mean)
+    assert_tree_allclose(sgs, get("sum_grad_squared"), **TORCH_TOL)
