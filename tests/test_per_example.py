@@ -399,3 +399,38 @@ def test_backpack_batch_grad_l2_variance_sum_grad_squared(torch_case):
     assert_tree_allclose(mean, {n: p.grad / 4 for n, p in named.items()}, **TORCH_TOL)
     sgs = jax.tree.map(lambda v, m: 4 * (v + m**2), var, mean)
     assert_tree_allclose(sgs, get("sum_grad_squared"), **TORCH_TOL)
+
+
+# ----------------------------------------------------------------------------------------
+# Benchmark builders: each runs once on a tiny workload and agrees with the others
+
+
+def test_bench_builders_agree_across_frameworks():
+    from fgrad.bench import _ops_per_example as ops
+    from fgrad.bench._workloads import Workload
+
+    mlp_w = Workload("mlp", "mlp", {"inputs": 5, "width": 6, "depth": 2, "classes": 3}, 4)
+    cnn_w = Workload("cnn", "cnn", {"channels": (2, 3), "size": 5, "classes": 3}, 3)
+    tr_cfg = {"d_model": 8, "d_ff": 16, "heads": 2, "seq": 3, "classes": 3}
+    tr_w = Workload("tr", "transformer", tr_cfg, 3)
+    tol = {"rtol": 2e-4, "atol": 1e-6}
+
+    def jax_run(op, impl, w):
+        fn, args = ops.JAX[op][impl](impl, w)
+        return fn(*args)
+
+    def torch_run(op, impl, w):
+        return ops.TORCH[op][impl](impl, w, "cpu")()
+
+    for w in (mlp_w, cnn_w):
+        assert ops.APPLIES["grad_norms"](w)
+        norms = jax_run("grad_norms", "fgrad", w)
+        for impl in ("opacus", "backpack", "torch.func"):
+            assert_tree_allclose(norms, torch_run("grad_norms", impl, w), **tol)
+    assert_tree_allclose(
+        jax_run("grad_norms", "vmap", tr_w), torch_run("grad_norms", "opacus", tr_w), **tol
+    )
+    clipped = jax_run("clipped_grad", "fgrad", tr_w)
+    assert_tree_allclose(clipped, jax_run("clipped_grad", "vmap", tr_w), **tol)
+    assert_tree_allclose(clipped, torch_run("clipped_grad", "opacus", tr_w), **tol)
+    assert_tree_allclose(clipped, torch_run("clipped_grad", "torch.func", tr_w), **tol)
