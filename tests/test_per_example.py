@@ -169,15 +169,16 @@ def test_microbatches_concatenate_and_accumulate(mlp6):
         return (
             pe.grads(mlp, p, b, microbatches=4),
             pe.grad_norms(mlp, p, b, microbatches=2),
-            pe.clipped_grad(mlp, p, b, 0.7, microbatches=2),
+            pe.clipped_grad(mlp, p, b, 0.7, microbatches=2, with_norms=True),
             pe.moments(mlp, p, b, microbatches=4),
             # fgrad.accumulate over micro-batches of the clipped surrogate loss
             fgrad.accumulate(pe.clipped_loss(mlp, 0.7), p, b, microbatch_size=3)[1],
         )
 
-    g, norms, clipped, (mean, var), accumulated = run(p, batch)
+    g, norms, (clipped, norms2), (mean, var), accumulated = run(p, batch)
     tol = {"rtol": 1e-5, "atol": 1e-6}
     assert_tree_allclose((g, norms, clipped, mean, var), (ref[0], ref[1], *ref[3:]), **tol)
+    assert_tree_allclose(norms2, ref[1], **tol)
     assert_tree_allclose(accumulated, ref[3], **tol)
 
 

@@ -350,9 +350,10 @@ def _total_norms(p: _Pass, sq: dict[int, jax.Array]) -> jax.Array:
 # Micro-batches
 
 
-def _microbatched(fn, batch, microbatches: int | None, caller: str, *, reduce: bool):
+def _microbatched(fn, batch, microbatches: int | None, caller: str, *, reduce: bool | str):
     """``fn(batch)`` over ``microbatches`` contiguous micro-batches in one ``lax.map`` /
-    ``lax.scan``: per-example results concatenate (``reduce=False``), sums add up."""
+    ``lax.scan``: per-example results concatenate (``reduce=False``), sums add up
+    (``reduce=True``), or ``fn`` returns ``(sums, per_example)`` (``reduce="first"``)."""
     if microbatches is None:
         return fn(batch)
     n = _batch_size(batch, caller)
@@ -369,12 +370,19 @@ def _microbatched(fn, batch, microbatches: int | None, caller: str, *, reduce: b
         out = jax.lax.map(fn, split)
         return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
     first = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], split))
-    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+    both = reduce == "first"
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[0] if both else first)
 
     def body(acc, mb):
-        return jax.tree.map(jnp.add, acc, fn(mb)), None
+        out = fn(mb)
+        if both:
+            return jax.tree.map(jnp.add, acc, out[0]), out[1]
+        return jax.tree.map(jnp.add, acc, out), None
 
-    return jax.lax.scan(body, init, split)[0]
+    sums, per = jax.lax.scan(body, init, split)
+    if both:
+        return sums, jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), per)
+    return sums
 
 
 # ----------------------------------------------------------------------------------------
@@ -573,11 +581,7 @@ def clipped_grad(
         meta["p"] = p
         return [sums.get(i) for i in range(len(p.leaves))], norms
 
-    if microbatches is None:
-        sums, norms = fn(batch)
-    else:
-        sums = _microbatched(lambda b: fn(b)[0], batch, microbatches, caller, reduce=True)
-        norms = None
+    sums, norms = _microbatched(fn, batch, microbatches, caller, reduce="first")
     p = meta["p"]
     out = {}
     for i, s in enumerate(sums):
