@@ -40,7 +40,9 @@ def transformer(p, b):
     """Token inputs, one attention head, an MLP, LayerNorm, output tied to the embedding."""
     e = p["emb"][b["ids"]] + p["pos"]  # (B, T, D)
     h = _layer_norm(e, p["ln_s"], p["ln_b"])
-    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    # the weight as the left operand of the matmul: (D, E) x (B, T, D) -> (E, B, T)
+    q = jax.lax.dot_general(p["wq"], h, (((0,), (2,)), ((), ()))).transpose(1, 2, 0)
+    k, v = h @ p["wk"], h @ p["wv"]
     att = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k) / 2.0, axis=-1)
     e = e + jnp.einsum("bts,bsd->btd", att, v) @ p["wo"]
     e = e + jnp.tanh(e @ p["m1"] + p["m1b"]) @ p["m2"]
@@ -239,7 +241,7 @@ def test_unmodified_flax_linen_model():
 
     net = Net()
     batch = _flax_batch()
-    params = net.init(jax.random.key(0), batch["ids"])["params"]
+    params = jax.jit(net.init)(jax.random.key(0), batch["ids"])["params"]
     loss = lambda p, b: _ce(net.apply({"params": p}, b["ids"]), b["y"])
     _check_norms(loss, params, batch)
 

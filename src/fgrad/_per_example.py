@@ -19,9 +19,11 @@ From those:
   ``Σₜₛ (aₜ·aₛ)(gₜ·gₛ)`` (``T²`` numbers), or from the materialised gradient (``K·N``),
   whichever is smaller, as Opacus decides;
 - a row-lookup embedding's is ``Σₜₛ [idₜ = idₛ] (gₜ·gₛ)`` (Gram form) or materialised;
-- a convolution's, and any leaf used by several layers (tied embeddings, a module
-  applied twice), from the materialised per-example gradient of the leaf, so the norm is
-  that of the *summed* gradient, cross terms included;
+- a convolution's the same way from its input patches (``aₜ`` the patch at output
+  position ``t``);
+- a leaf used by several layers (tied embeddings, a module applied twice), from the
+  materialised per-example gradient of the leaf, so the norm is that of the *summed*
+  gradient, cross terms included;
 - the clipped mean ``(1/B) Σᵢ cᵢ gᵢ`` of a layer weight is one contraction over the
   examples of ``a`` and ``cᵢ g``: no per-example gradient is formed.
 
@@ -220,13 +222,18 @@ def _sq(x) -> jax.Array:
 
 def _layer_sq_norm(layer: _layers.Layer, leaf, a, g) -> jax.Array:
     """One example's squared norm of the layer's weight gradient, Gram form where cheaper."""
+    factors = None
     if layer.kind == "dense":
-        a2, g2 = layer.dense_factors(a, g)
+        factors = layer.dense_factors(a, g)
+    elif layer.kind == "conv":
+        factors = layer.conv_factors(a, g)
+    if factors is not None:
+        a2, g2 = factors
         t, k = a2.shape
         nout = g2.shape[1]
-        if t * t <= k * nout:
-            return jnp.sum((a2 @ a2.T) * (g2 @ g2.T))
-        return _sq(a2.T @ g2)
+        if t * t <= k * nout:  # Gram form: T² numbers instead of K·N
+            return jnp.sum((a2 @ a2.T) * (g2 @ g2.T).astype(a2.dtype))
+        return _sq(a2.T @ g2.astype(a2.dtype))
     if layer.kind == "embed":
         rows = layer.embed_rows(a)
         if rows is not None:
