@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fgrad
+from fgrad import _per_example
 from fgrad import per_example as pe
 from helpers import assert_tree_allclose
 
@@ -296,9 +297,13 @@ def test_ghost_refuses_what_it_cannot_decompose_and_auto_falls_back(mlp6):
     penal = lambda p, b: mlp(p, b) + jnp.sum(p["w2"] ** 2)
     with pytest.raises(ValueError, match=r"\['w2'\] is used by integer_pow"):
         pe.grad_norms(penal, p, batch, method="ghost")
-    for fn in (scaled, penal):
+    for fn, odd in ((scaled, "['w1']"), (penal, "['w2']")):
         auto = pe.grad_norms(fn, p, batch, method="auto")
         assert_tree_allclose(auto, _reference(fn, p, batch)[1], rtol=1e-5)
+        # auto keeps ghost for the other weight and takes the odd one exactly
+        plan = _per_example._run_pass(fn, p, batch, "auto", None, "test").plan
+        ghost = {plan.keys[l.leaf] for l in plan.layers}
+        assert ghost == {"['w1']", "['w2']"} - {odd}
 
 
 # ----------------------------------------------------------------------------------------

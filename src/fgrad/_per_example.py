@@ -27,9 +27,11 @@ From those:
 - the clipped mean ``(1/B) Σᵢ cᵢ gᵢ`` of a layer weight is one contraction over the
   examples of ``a`` and ``cᵢ g``: no per-example gradient is formed.
 
-``method="vmap"`` is ``vmap(grad)``; ``method="ghost"`` refuses a model with a weight
-(a trainable leaf of two or more dimensions) used outside a layer, naming the
-operation; ``method="auto"`` uses ghost where it decomposes and ``vmap`` elsewhere.
+``method="vmap"`` is ``vmap(grad)`` (every leaf's per-example gradient from the pass).
+``method="ghost"`` refuses a model where a leaf's gradient does not decompose (a layer
+weight also used by another operation, a weight computed before its matmul, a matrix
+handed to a ``custom_jvp`` function...), naming the operation; ``method="auto"`` takes
+those leaves' per-example gradients exactly, as ``"vmap"`` does, and the rest as ghost.
 """
 
 from __future__ import annotations
@@ -174,8 +176,12 @@ def _run_pass(loss_fn, params, batch, method: str, trainable: Trainable, caller:
                     "per-example gradient would have to be materialised. Use method='vmap' "
                     "(or 'auto', which falls back to it), or mark the leaf frozen."
                 )
-            if not blocked:
-                layers = tuple(l for l in found.layers if train[l.leaf] and l.exclusive)
+            # "auto": the leaves that do not decompose join the exact per-example ones
+            layers = tuple(
+                l
+                for l in found.layers
+                if train[l.leaf] and l.exclusive and keys[l.leaf] not in blocked
+            )
         ghost = {l.leaf for l in layers}
         rest = tuple(i for i in range(len(leaves)) if train[i] and i not in ghost)
         info["plan"] = _Plan(layers, rest, train, keys)
@@ -417,7 +423,8 @@ def grads(
       params: the parameters (a pytree).
       batch: a pytree of arrays sharing a leading example axis.
       method: ``"ghost"`` (from layer inputs and output gradients found in the traced
-        program), ``"vmap"`` (``vmap(grad)``) or ``"auto"`` (ghost where it decomposes).
+        program), ``"vmap"`` (``vmap(grad)``) or ``"auto"`` (ghost, with exact
+        per-example gradients for the leaves ghost cannot decompose).
         All give the same numbers.
       trainable: which leaves take gradients, as for `fgrad.zero_grad`; frozen leaves
         give ``None``.
