@@ -172,9 +172,10 @@ def _run_pass(loss_fn, params, batch, method: str, trainable: Trainable, caller:
             if blocked and method == "ghost":
                 what = "; ".join(f"params{k} is used by {why}" for k, why in blocked.items())
                 raise ValueError(
-                    f"{caller}: method='ghost' cannot decompose this model: {what}. Its "
-                    "per-example gradient would have to be materialised. Use method='vmap' "
-                    "(or 'auto', which falls back to it), or mark the leaf frozen."
+                    f"{caller}: method='ghost' cannot decompose this model: {what}, so "
+                    "that leaf's per-example gradient would have to be materialised. Use "
+                    "method='auto' (ghost for the other leaves, that one exactly) or "
+                    "'vmap', or mark the leaf frozen with trainable=."
                 )
             # "auto": the leaves that do not decompose join the exact per-example ones
             layers = tuple(
