@@ -442,3 +442,44 @@ def test_bench_builders_agree_across_frameworks():
     assert_tree_allclose(clipped, jax_run("clipped_grad", "vmap", tr_w), **tol)
     assert_tree_allclose(clipped, torch_run("clipped_grad", "opacus", tr_w), **tol)
     assert_tree_allclose(clipped, torch_run("clipped_grad", "torch.func", tr_w), **tol)
+
+
+def test_opacus_on_a_layer_applied_twice():
+    """A shared weight: Opacus sums the per-example gradients of both uses; fgrad's ghost
+    norm is the norm of that sum (cross terms included), not a sum of per-use norms."""
+    import torch
+    from opacus.grad_sample import GradSampleModule
+
+    from fgrad.interop.torch import to_jax
+    from helpers import from_torch
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+    torch.manual_seed(0)
+    net, x, y = Twice(), torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    p, batch = to_jax(net), {"x": from_torch(x), "y": from_torch(y)}
+
+    def losses(p, b):
+        lin = lambda h: h @ p["lin.weight"].T + p["lin.bias"]
+        return _ce(
+            jnp.tanh(lin(jnp.tanh(lin(b["x"])))) @ p["head.weight"].T + p["head.bias"], b["y"]
+        )
+
+    g, norms = jax.jit(
+        lambda p, b: (
+            pe.grads(losses, p, b, method="ghost"),
+            pe.grad_norms(losses, p, b, method="ghost"),
+        )
+    )(p, batch)
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    grad_sample = {n: q.grad_sample for n, q in net.named_parameters()}
+    assert_tree_allclose(g, grad_sample, **TORCH_TOL)
+    expected = torch.sqrt(sum(s.flatten(1).pow(2).sum(1) for s in grad_sample.values()))
+    assert_tree_allclose(norms, expected, **TORCH_TOL)
