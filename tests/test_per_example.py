@@ -63,6 +63,18 @@ def rnn(p, b):
     return _ce(h @ p["wo"], b["y"])
 
 
+def stacked(p, b):
+    """Layers stacked on a leading axis and applied by lax.scan over them (the layout of
+    flax.linen.scan): step l uses w[l], so the gradient of w stacks the layers'."""
+
+    def layer(h, wb):
+        w, bias = wb
+        return jnp.tanh(h @ w + bias), None
+
+    h, _ = jax.lax.scan(layer, b["x"], (p["w"], p["b"]))
+    return _ce(h @ p["out"], b["y"])
+
+
 def _normal(rng, shapes):
     return {k: jnp.asarray(rng.normal(size=s) * 0.5) for k, s in shapes.items()}
 
@@ -87,6 +99,10 @@ def _case(name):
         ids = jnp.asarray(rng.integers(0, v, size=(b, t)))
         ids = ids.at[0, 1].set(ids[0, 0])  # a repeated token: the embedding's Gram cross term
         return transformer, p, {"ids": ids, "y": jnp.asarray(rng.integers(0, v, size=(b, t)))}
+    if name == "stacked":
+        p = _normal(rng, {"w": (3, 4, 4), "b": (3, 4), "out": (4, 2)})
+        batch = {"x": jnp.asarray(rng.normal(size=(b, 4))), "y": jnp.array([1, 0, 1])}
+        return stacked, p, batch
     p = _normal(rng, {"wh": (3, 3), "wx": (2, 3), "bh": (3,), "wo": (3, 2)})
     batch = {"x": jnp.asarray(rng.normal(size=(b, 5, 2))), "y": jnp.array([1, 0, 1])}
     return rnn, p, batch
@@ -120,6 +136,7 @@ def _ours(loss_fn, p, batch, method):
         ("cnn", ("ghost",)),
         ("transformer", ("ghost",)),
         ("rnn", ("ghost",)),
+        ("stacked", ("ghost",)),
     ],
 )
 def test_every_statistic_equals_vmap_grad_in_float64(name, methods):
@@ -231,12 +248,20 @@ def _check_norms(loss, params, batch):
 def test_unmodified_flax_linen_model():
     import flax.linen as nn
 
+    class Cell(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return h + jnp.tanh(nn.Dense(8)(h)), None
+
     class Net(nn.Module):
         @nn.compact
         def __call__(self, ids):
             h = nn.Embed(7, 8)(ids)
             h = nn.LayerNorm()(h)
             h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(h)
+            # two layers stacked by nn.scan: their kernels are one (2, 8, 8) leaf
+            scan = nn.scan(Cell, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+            h, _ = scan()(h, None)
             h = nn.relu(nn.Conv(6, (2,))(h))
             return nn.Dense(3)(h.mean(1))
 

@@ -216,10 +216,18 @@ def _vmap_over(fn, n_lead: int):
     return fn
 
 
+def _one_step(layer: _layers.Layer) -> _layers.Layer:
+    """A sliced layer (its weight stacked over scan steps) seen at one step."""
+    return dataclasses.replace(layer, stack=(), sliced=False)
+
+
 def _layer_leaf_grad(layer: _layers.Layer, leaf, a, g):
-    """One example's gradient of the layer's leaf (leaf layout), summed over scan steps."""
+    """One example's gradient of the layer's leaf (leaf layout), summed over scan steps
+    (stacked over them for a sliced layer)."""
     n = len(layer.stack)
     dw = _vmap_over(lambda a_, g_: layer.weight_grad(a_, g_, leaf), n)(a, g)
+    if layer.sliced:
+        return dw
     return dw.reshape(-1, *jnp.shape(leaf)).sum(0) if n else dw
 
 
@@ -229,6 +237,9 @@ def _sq(x) -> jax.Array:
 
 def _layer_sq_norm(layer: _layers.Layer, leaf, a, g) -> jax.Array:
     """One example's squared norm of the layer's weight gradient, Gram form where cheaper."""
+    if layer.sliced:  # each step's slice separately: no cross terms between steps
+        step = _one_step(layer)
+        return jax.vmap(lambda a_, g_: _layer_sq_norm(step, leaf[0], a_, g_))(a, g).sum()
     factors = None
     if layer.kind == "dense":
         factors = layer.dense_factors(a, g)
@@ -334,6 +345,10 @@ def _per_example_leaf_grads_for(p: _Pass, leaf_i, layers, leaf):
 def _summed_weight_grad(layer: _layers.Layer, leaf, a, g):
     """Σ over the leading (example, scan-step) axes of the layer's leaf gradient, as one
     transposed layer operation: no per-example gradient is formed."""
+    if layer.sliced:  # stacked over the steps (axis 1, after the examples)
+        step = _one_step(layer)
+        one = lambda a_, g_: _summed_weight_grad(step, leaf[0], a_, g_)
+        return jax.vmap(one, in_axes=(1, 1))(a, g)
     n = a.ndim - len(layer.input.shape)
 
     def batched(w):
