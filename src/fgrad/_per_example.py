@@ -23,7 +23,8 @@ From those:
   position ``t``);
 - a leaf used by several layers (tied embeddings, a module applied twice), from the
   materialised per-example gradient of the leaf, so the norm is that of the *summed*
-  gradient, cross terms included;
+  gradient, cross terms included; a layer inside ``lax.scan`` sums over the steps, but a
+  leaf stacked over the steps (``flax.linen.scan``) has one slice per step, each its own;
 - the clipped mean ``(1/B) Σᵢ cᵢ gᵢ`` of a layer weight is one contraction over the
   examples of ``a`` and ``cᵢ g``: no per-example gradient is formed.
 
