@@ -20,7 +20,9 @@ From those:
   whichever is smaller, as Opacus decides;
 - a row-lookup embedding's is ``Σₜₛ [idₜ = idₛ] (gₜ·gₛ)`` (Gram form) or materialised;
 - a convolution's the same way from its input patches (``aₜ`` the patch at output
-  position ``t``);
+  position ``t``) where the Gram form is the smaller; otherwise its kernel's per-example
+  gradient comes from the backward pass itself (one grouped convolution, as in
+  ``vmap(grad)``);
 - a leaf used by several layers (tied embeddings, a module applied twice), from the
   materialised per-example gradient of the leaf, so the norm is that of the *summed*
   gradient, cross terms included; a layer inside ``lax.scan`` sums over the steps, but a
@@ -140,6 +142,19 @@ class _Pass:
     treedef: Any
 
 
+def _conv_gram_cheaper(layer: _layers.Layer) -> bool:
+    """For a convolution: whether its ``P × P`` Gram matrix over output positions is
+    smaller than its kernel (Opacus' choice). Where it is not, the kernel's per-example
+    gradient is taken in the backward pass itself, as ``vmap(grad)`` does: XLA forms it
+    there as one grouped convolution, faster than from recorded patches."""
+    if layer.kind != "conv":
+        return True
+    out_spec = layer.dimension_numbers.out_spec
+    o = layer.output.shape[out_spec[1]]
+    positions = math.prod(layer.output.shape) // o * math.prod(layer.stack)
+    return positions * positions <= math.prod(layer.weight.shape)
+
+
 def _undecomposable(found: _layers.Found, train, keys) -> dict[str, str]:
     """Trainable leaves whose gradient does not decompose: key -> the operation why."""
     return {keys[i]: why for i, why in found.undecomposable.items() if train[i]}
@@ -178,11 +193,16 @@ def _run_pass(loss_fn, params, batch, method: str, trainable: Trainable, caller:
                     "method='auto' (ghost for the other leaves, that one exactly) or "
                     "'vmap', or mark the leaf frozen with trainable=."
                 )
-            # "auto": the leaves that do not decompose join the exact per-example ones
+            # "auto": the leaves that do not decompose join the exact per-example ones,
+            # and so do convolutions whose kernel is smaller than their Gram matrix
+            direct = {l.leaf for l in found.layers if not _conv_gram_cheaper(l)}
             layers = tuple(
                 l
                 for l in found.layers
-                if train[l.leaf] and l.exclusive and keys[l.leaf] not in blocked
+                if train[l.leaf]
+                and l.exclusive
+                and keys[l.leaf] not in blocked
+                and l.leaf not in direct
             )
         ghost = {l.leaf for l in layers}
         rest = tuple(i for i in range(len(leaves)) if train[i] and i not in ghost)
