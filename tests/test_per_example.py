@@ -378,8 +378,11 @@ def torch_case():
 
 
 TORCH_TOL = {"rtol": 2e-4, "atol": 1e-6}
+# Opacus' and BackPACK's hooks fire on models whose inputs need no gradient; PyTorch warns.
+HOOK_WARNING = "ignore:Full backward hook is firing"
 
 
+@pytest.mark.filterwarnings(HOOK_WARNING)
 def test_opacus_grad_sample_and_ghost_clipping(torch_case):
     import torch
     from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
@@ -413,6 +416,7 @@ def test_opacus_grad_sample_and_ghost_clipping(torch_case):
     assert_tree_allclose(clipped, {n: p.grad for n, p in net.named_parameters()}, **TORCH_TOL)
 
 
+@pytest.mark.filterwarnings(HOOK_WARNING)
 def test_backpack_batch_grad_l2_variance_sum_grad_squared(torch_case):
     import torch
     from backpack import backpack, extend
@@ -438,6 +442,7 @@ def test_backpack_batch_grad_l2_variance_sum_grad_squared(torch_case):
 # Benchmark builders: each runs once on a tiny workload and agrees with the others
 
 
+@pytest.mark.filterwarnings(HOOK_WARNING)
 def test_bench_builders_agree_across_frameworks():
     from fgrad.bench import _ops_per_example as ops
     from fgrad.bench._workloads import Workload
@@ -469,6 +474,7 @@ def test_bench_builders_agree_across_frameworks():
     assert_tree_allclose(clipped, torch_run("clipped_grad", "torch.func", tr_w), **tol)
 
 
+@pytest.mark.filterwarnings(HOOK_WARNING)
 def test_opacus_on_a_layer_applied_twice():
     """A shared weight: Opacus sums the per-example gradients of both uses; fgrad's ghost
     norm is the norm of that sum (cross terms included), not a sum of per-use norms."""
