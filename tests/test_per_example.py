@@ -514,3 +514,22 @@ def test_opacus_on_a_layer_applied_twice():
     assert_tree_allclose(g, grad_sample, **TORCH_TOL)
     expected = torch.sqrt(sum(s.flatten(1).pow(2).sum(1) for s in grad_sample.values()))
     assert_tree_allclose(norms, expected, **TORCH_TOL)
+
+
+@pytest.mark.parametrize("mode", ["fill", "clip", None])
+def test_embedding_gram_with_out_of_range_ids(mode):
+    """The Gram form follows the lookup's gradient: dropped or clamped rows as JAX's."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        p = {"emb": jnp.asarray(rng.normal(size=(5, 3)))}
+        batch = {"ids": jnp.array([[0, 7, 2], [4, 4, -1], [1, 2, 9]])}
+
+        def losses(p, b):
+            if mode is None:
+                t = p["emb"][b["ids"]]
+            else:
+                t = jnp.take(p["emb"], b["ids"], axis=0, mode=mode, fill_value=0.0)
+            return jnp.sin(t).sum((1, 2)) ** 2
+
+        got = pe.grad_norms(losses, p, batch, method="ghost")
+        assert_tree_allclose(got, _reference(losses, p, batch)[1], **TOL)
