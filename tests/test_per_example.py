@@ -91,7 +91,7 @@ def _case(name):
         batch = {"x": jnp.asarray(rng.normal(size=(b, 4, 4, 2))), "y": jnp.array([0, 1, 1])}
         return cnn, p, batch
     if name == "transformer":
-        d, t, v = 4, 3, 6
+        d, t, v = 4, 3, 10  # v·d >= (2t)²: the tied leaf takes the Gram form
         shapes = {"emb": (v, d), "pos": (t, d), "ln_s": (d,), "ln_b": (d,), "wq": (d, d)}
         shapes |= {"wk": (d, d), "wv": (d, d), "wo": (d, d), "m1": (d, 8), "m1b": (8,)}
         shapes |= {"m2": (8, d)}

@@ -23,10 +23,12 @@ From those:
   position ``t``) where the Gram form is the smaller; otherwise its kernel's per-example
   gradient comes from the backward pass itself (one grouped convolution, as in
   ``vmap(grad)``);
-- a leaf used by several layers (tied embeddings, a module applied twice), from the
-  materialised per-example gradient of the leaf, so the norm is that of the *summed*
-  gradient, cross terms included; a layer inside ``lax.scan`` sums over the steps, but a
-  leaf stacked over the steps (``flax.linen.scan``) has one slice per step, each its own;
+- a 2-D leaf used by several layers (tied embeddings, a module applied twice) in Gram
+  form over all its uses, ``Σᵤᵥ Σₜₛ (leftᵤₜ·leftᵥₛ)(rightᵤₜ·rightᵥₛ)`` in the leaf's
+  layout, where that is smaller than the leaf (else from its materialised per-example
+  gradient), so the norm is that of the *summed* gradient, cross terms included; a
+  layer inside ``lax.scan`` sums over the steps, but a leaf stacked over the steps
+  (``flax.linen.scan``) has one slice per step, each its own;
 - the clipped mean ``(1/B) Σᵢ cᵢ gᵢ`` of a layer weight is one contraction over the
   examples of ``a`` and ``cᵢ g``: no per-example gradient is formed.
 
@@ -294,9 +296,12 @@ def _per_example_leaf_sq_norms(p: _Pass) -> dict[int, jax.Array]:
             out[leaf_i] = jax.vmap(lambda a, g, l=l, w=leaf: _layer_sq_norm(l, w, a, g))(
                 p.inputs[l.name], p.out_grads[l.name]
             )
-        else:  # the norm of the summed gradient: materialise the leaf's gradient
+        else:  # the norm of the summed gradient, cross terms included
 
             def summed(ins, outs, layers=layers, leaf=leaf):
+                shared = _shared_gram_sq_norm(layers, leaf, ins, outs)
+                if shared is not None:
+                    return shared
                 return _sq(
                     sum(
                         _layer_leaf_grad(l, leaf, ins[l.name], outs[l.name]).astype(leaf.dtype)
@@ -309,6 +314,62 @@ def _per_example_leaf_sq_norms(p: _Pass) -> dict[int, jax.Array]:
                 {k: p.inputs[k] for k in names}, {k: p.out_grads[k] for k in names}
             )
     return out
+
+
+def _leaf_factors(layer: _layers.Layer, leaf, a, g):
+    """One use of a 2-D leaf as ``(left, right)`` with the leaf's gradient
+    ``Σₜ leftₜ ⊗ rightₜ`` in the leaf's own layout: ``left`` is ``("ids", rows)`` for a
+    row lookup or ``("dense", X)``, ``right`` a ``(T, columns)`` matrix; None if the use
+    has no such form (a chain other than a transpose, a conv, a sliced leaf...)."""
+    if jnp.ndim(leaf) != 2 or layer.sliced:
+        return None
+    if layer.kind == "embed":
+        rows = layer.embed_rows(a)
+        if rows is None:
+            return None
+        rows = rows.reshape(-1)
+        return ("ids", rows), g.reshape(rows.shape[0], -1)
+    if layer.kind != "dense" or len(layer.weight.shape) != 2:
+        return None
+    chain = [prim.name for prim, _ in layer.chain]
+    if chain not in ([], ["transpose"]):
+        return None
+    (lc, rc), _ = layer.dimension_numbers
+    contracted = (rc if layer.weight_operand == 1 else lc)[0]
+    a2, g2 = layer.dense_factors(a, g)  # operand gradient: a2ᵀ g2 (contracted axis 0)
+    first, second = (a2, g2) if contracted == 0 else (g2, a2)  # operand axis 0, axis 1
+    if chain:  # the leaf is the operand transposed
+        first, second = second, first
+    return ("dense", first), second
+
+
+def _left_gram(x, y):
+    (kx, vx), (ky, vy) = x, y
+    if kx == "ids" and ky == "ids":
+        return ((vx[:, None] == vy[None, :]) & (vx[:, None] >= 0)).astype(jnp.float32)
+    if kx == "ids":  # onehot(id) · v = v[id]
+        return jnp.where(vx[:, None] >= 0, jnp.take(vy, jnp.maximum(vx, 0), axis=1).T, 0)
+    if ky == "ids":
+        return _left_gram(y, x).T
+    return vx @ vy.T
+
+
+def _shared_gram_sq_norm(layers, leaf, ins, outs):
+    """``‖Σᵤ Σₜ leftᵤₜ ⊗ rightᵤₜ‖²`` over every use ``u`` of a 2-D leaf (tied embeddings,
+    a layer applied twice) in Gram form, ``Σᵤᵥ Σₜₛ (leftᵤₜ·leftᵥₛ)(rightᵤₜ·rightᵥₛ)``, where
+    every use has that form and the Gram matrix is smaller than the leaf; else None."""
+    factors = [_leaf_factors(l, leaf, ins[l.name], outs[l.name]) for l in layers]
+    if any(f is None for f in factors):
+        return None
+    positions = sum(r.shape[0] for _, r in factors)
+    if positions * positions > math.prod(jnp.shape(leaf)):
+        return None
+    dt = jnp.result_type(*[r.dtype for _, r in factors])
+    total = jnp.zeros((), dt)
+    for lu, ru in factors:
+        for lv, rv in factors:
+            total = total + jnp.sum(_left_gram(lu, lv).astype(dt) * (ru @ rv.T).astype(dt))
+    return total
 
 
 def _per_example_leaf_grads(p: _Pass) -> dict[int, jax.Array]:
