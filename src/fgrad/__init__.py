@@ -9,6 +9,7 @@ derivatives → every fgrad result is differentiable, and `derivative`.
 from fgrad import curvature as curvature
 from fgrad import models as models
 from fgrad import penalties as penalties
+from fgrad import per_example as per_example
 from fgrad._accumulate import accumulate as accumulate
 from fgrad._backward import backward as backward
 from fgrad._grads import NoGrad as NoGrad
@@ -41,6 +42,7 @@ __all__ = [
     "intermediates",
     "models",
     "penalties",
+    "per_example",
     "step",
     "tap",
     "tap_linen",

@@ -14,7 +14,12 @@ from fgrad.bench._workloads import Workload, workloads
 # The modules whose JAX / TORCH / APPLIES / WORKLOADS tables make the default registry, in
 # order (their operations are listed in that order). A new module of operations plugs in
 # by adding its name here.
-OP_MODULES = ("fgrad.bench._jax_ops", "fgrad.bench._torch_ops", "fgrad.bench._ops_hooks")
+OP_MODULES = (
+    "fgrad.bench._jax_ops",
+    "fgrad.bench._torch_ops",
+    "fgrad.bench._ops_hooks",
+    "fgrad.bench._ops_per_example",
+)
 
 
 class Unsupported(Exception):
