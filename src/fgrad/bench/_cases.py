@@ -26,6 +26,9 @@ TORCH_FUNC_OPS = {"grad", "hvp", "hessian", "input_gradient"}
 # graph): these cases are reported as unsupported.
 DOUBLE_BACKWARD = {"input_gradient", "wgan_gp", "hvp", "hessian"}
 MAX_HESSIAN_PARAMS = 1000  # dense Hessians only on small models
+# The large suite (sized for a GPU) times fewer operations: the gradient (against
+# torch.compile too), the accumulation loop, a penalty and the HVP.
+LARGE_OPS = ("grad", "microbatch", "input_gradient", "hvp")
 SCALAR = Workload("scalar", "scalar", {}, 1)  # the n-th derivative of sin(tanh(x) e^x)
 
 
@@ -79,15 +82,17 @@ def _impls_for(op: str) -> list[str]:
 def cases(suite: str, only: str | None = None, *, torch: bool = True) -> list[Case]:
     """Every case of ``suite`` whose ``workload/op`` matches the glob ``only``."""
     ws = workloads(suite)
-    if suite != "tiny":
+    if suite not in ("tiny", "large"):
         ws.append(
             Workload("hessian-mlp", "mlp", {"inputs": 8, "width": 16, "depth": 2, "classes": 3}, 16)
         )
     out = []
     for w in ws:
         for op in _ops_for(w):
-            out += [Case(w, op, impl) for impl in _impls_for(op)]
-    out += [Case(SCALAR, "derivative8", impl) for impl in _impls_for("derivative8")]
+            if suite != "large" or op in LARGE_OPS:
+                out += [Case(w, op, impl) for impl in _impls_for(op)]
+    if suite != "large":
+        out += [Case(SCALAR, "derivative8", impl) for impl in _impls_for("derivative8")]
     if only:
         pats = [p.strip() for p in only.split(",") if p.strip()]
         out = [

@@ -101,7 +101,7 @@ def build(op: str, impl: str, w: Workload) -> tuple[Callable, tuple]:
         unroll = op == "microbatch_unrolled"
         if ours:
             f = lambda p, b: fgrad.accumulate(
-                plain, p, b, microbatches=K_MICRO, unroll=unroll or 1
+                plain, p, b, microbatches=K_MICRO, unroll=True if unroll else "auto"
             )[1]
             return jax.jit(f), (params, batch)
 
