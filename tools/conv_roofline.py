@@ -4,12 +4,13 @@ Times each convolution of the CNN's training step on its own (the two forward
 convolutions, the two input-gradient and the two kernel-gradient ones), in XLA (JAX, NHWC
 as Flax lays images out, or NCHW as PyTorch does) and in PyTorch (NCHW, its
 ``convolution_backward`` for the gradients), each framework in its own process, and
-reports achieved GFLOP/s (in each operation's best round: the machine is shared) against
-the matmul peak each framework measures on the same machine. This is the evidence behind
-the README's CPU CNN paragraph; it measures outside loops (inside them, see jax#12868
-and `fgrad._conv_layout`).
+reports achieved GFLOP/s against the matmul peak each framework measures on the same
+machine. Times are the process's CPU time per call (run it with --threads 1: on a machine
+shared with other work, CPU time does not count the time the process waited for a core).
+This is the evidence behind the README's CPU CNN paragraph; it measures outside loops
+(inside them, see jax#12868 and `fgrad._conv_layout`).
 
-    python tools/conv_roofline.py --json benchmarks/results/checks/cpu-conv-roofline.json
+    python tools/conv_roofline.py --json benchmarks/results/issue16/cpu-conv-roofline-1.json
 """
 
 from __future__ import annotations
@@ -31,23 +32,23 @@ def _flops(batch: int, size: int, cin: int, cout: int) -> float:
 
 
 def _time(fns: dict, rounds: int, min_time: float) -> dict:
-    """(median, best) seconds per call of each no-argument function, rounds interleaved.
-    The best round is the one least disturbed by other work on a shared machine."""
+    """(median, best) CPU seconds per call of each no-argument function, rounds
+    interleaved."""
     calls = {}
     for k, f in fns.items():
         f()
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         f()
-        calls[k] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+        calls[k] = max(1, int(min_time / max(time.process_time() - t0, 1e-7)))
     per = {k: [] for k in fns}
     for r in range(rounds):
         order = list(fns)
         order = order[r % len(order) :] + order[: r % len(order)]
         for k in order:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(calls[k]):
                 fns[k]()
-            per[k].append((time.perf_counter() - t0) / calls[k])
+            per[k].append((time.process_time() - t0) / calls[k])
     return {k: (statistics.median(v), min(v)) for k, v in per.items()}
 
 

@@ -5,10 +5,11 @@ to compose an exact Hessian-vector product, and their times in interleaved round
     reverse-over-reverse  grad of <grad f, v>
     reverse-over-forward  grad of jvp(f)(v)
 
+Times are the process's CPU time (run it single-threaded: the machine may be shared).
 Evidence for the README's HVP paragraph: the FLOP ratio HVP / gradient is what no choice
 of composition goes below.
 
-    python tools/hvp_flops.py --json benchmarks/results/checks/cpu-hvp-compositions.json
+    python tools/hvp_flops.py --json benchmarks/results/issue16/cpu-hvp-compositions.json
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ def measure(w, rounds: int) -> dict:
     for r in range(rounds):
         order = list(fns)[r % len(fns) :] + list(fns)[: r % len(fns)]
         for k in order:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(3):
                 res = fns[k](*args)
             jax.block_until_ready(res)
-            out[k]["times"].append((time.perf_counter() - t0) / 3)
+            out[k]["times"].append((time.process_time() - t0) / 3)
     g_flops, g_times = out["grad"]["flops"], list(out["grad"]["times"])
     for rec in out.values():
         ratios = [t / tg for t, tg in zip(rec.pop("times"), g_times, strict=True)]
