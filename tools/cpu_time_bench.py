@@ -69,6 +69,22 @@ def _worker(framework: str, only: str, rounds: int, min_cpu: float) -> list[dict
     ]
 
 
+def _report(only: str, results: list[dict], ratios: dict) -> dict:
+    import datetime
+
+    from fgrad.bench import machine
+
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine("cpu"),
+        "only": only,
+        "threads": 1,
+        "timer": "process CPU time per call",
+        "cases": results,
+        "ratios": ratios,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", required=True)
