@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -90,7 +91,16 @@ def main() -> None:
                     flush=True,
                 )
     if a.json:
-        meta = {"jax": jax.__version__, "backend": jax.default_backend(), "rounds": a.rounds}
+        from fgrad.bench import machine
+
+        meta = {
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "machine": machine(jax.default_backend()),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "timer": "process CPU time per call",
+            "rounds": a.rounds,
+        }
         with open(a.json, "w") as fh:
             json.dump({"meta": meta, "workloads": res}, fh, indent=1)
 
