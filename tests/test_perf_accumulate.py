@@ -167,6 +167,9 @@ def test_rewrite_gives_the_same_convolution_and_gradients(name):
         both = jax.value_and_grad(loss, argnums=(0, 1))
         assert_tree_allclose(canonical_convs(conv)(x, k), conv(x, k))
         assert_tree_allclose(jax.jit(canonical_convs(both))(x, k), both(x, k))
+        # differentiable itself (fgrad's results are): the gradient through the rewrite
+        through = jax.grad(lambda x, k: canonical_convs(loss)(x, k), argnums=(0, 1))
+        assert_tree_allclose(through(x, k), both(x, k)[1])
         if name == "nchw-stride-pad":
             xt, kt = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(k))
             want = F.conv2d(F.pad(xt, (2, 1, 1, 0)), kt, stride=(2, 1))

@@ -131,9 +131,9 @@ def accumulate(
       unroll: ``"auto"`` (default): a rolled loop, so peak memory stays flat in the
         number of micro-batches; on the CPU backend, every convolution of the loop body
         (the backward pass's included) is first rewritten into the layout XLA:CPU runs
-        fast, as XLA itself does outside loops but not inside them (jax#12868; without
-        it, `fgrad bench`'s CNN ran about 25x slower in the loop than unrolled). The
-        result is the same; the rewrite adds a few transposes. An int or ``True``:
+        fast, as XLA itself does outside loops but not inside them (jax#12868: without
+        it, a CNN's loop runs far slower than the same loop unrolled). The result is the
+        same; the rewrite adds a few transposes. An int or ``True``:
         passed to ``lax.scan`` as is, with no rewrite (``True`` unrolls the loop, which
         gives up the flat memory: XLA may then hold several micro-batches' activations
         at once).

@@ -1,11 +1,11 @@
 """Convolutions in XLA:CPU's fast layout, inside loop bodies too.
 
-XLA's CPU backend runs a convolution through its fast (Eigen) path only when its
-dimension numbers are canonical: input ``(batch, spatial..., feature)``, kernel
+XLA's CPU backend runs a convolution through its fast kernels (Eigen's or XNNPACK's)
+only when its dimension numbers are canonical: input ``(batch, spatial..., feature)``, kernel
 ``(spatial..., in, out)``, output like the input. Outside any loop, XLA rewrites every
 other convolution into that form with transposes around it; inside a ``while`` body (so
-inside ``lax.scan``) it does not, and those convolutions fall to a naive loop nest that
-runs tens of times slower (jax#12868). The backward pass of any convolution contains
+inside ``lax.scan``) it does not, and those convolutions fall to a naive loop nest, far
+slower (jax#12868). The backward pass of any convolution contains
 non-canonical ones (its input and kernel gradients), whatever layout the model uses.
 
 `canonical_convs` does XLA's rewrite itself, in the traced program of a function:
