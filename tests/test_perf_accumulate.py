@@ -174,3 +174,20 @@ def test_rewrite_gives_the_same_convolution_and_gradients(name):
             xt, kt = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(k))
             want = F.conv2d(F.pad(xt, (2, 1, 1, 0)), kt, stride=(2, 1))
             assert_tree_allclose(canonical_convs(conv)(x, k), want)
+
+
+def test_default_under_vmap_and_differentiated(cnn):
+    """The rewritten loop under vmap (two parameter sets) and differentiated itself (a
+    loss of the accumulated gradient), against the full-batch gradient."""
+    params, batch, _ = cnn
+    acc = lambda p: fgrad.accumulate(jax_loss, p, batch, microbatches=2)[1]
+    full = lambda p: jax.grad(jax_loss)(p, batch)
+    two = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), params)
+    assert_tree_allclose(jax.jit(jax.vmap(acc))(two), jax.vmap(full)(two), rtol=2e-5, atol=2e-6)
+    norm = lambda g: sum(jnp.sum(x**2) for x in jax.tree.leaves(g))
+    assert_tree_allclose(
+        jax.jit(jax.grad(lambda p: norm(acc(p))))(params),
+        jax.grad(lambda p: norm(full(p)))(params),
+        rtol=1e-4,
+        atol=1e-6,
+    )
