@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
+from fgrad._conv_layout import canonical_convs
 from fgrad._grads import (
     add_into,
     is_hole,
@@ -74,6 +75,20 @@ def _plan(n: int, microbatches: int | None, microbatch_size: int | None, caller:
     return n // m, m, n % m
 
 
+def _loop_plan(unroll: Any, caller: str) -> tuple[int | bool, bool]:
+    """``(lax.scan's unroll, whether to rewrite the body's convolutions)`` for ``unroll``.
+
+    ``"auto"`` keeps the loop rolled and rewrites convolutions on the CPU backend only:
+    elsewhere XLA runs them well inside loops (see `fgrad._conv_layout`)."""
+    if unroll == "auto":
+        return 1, jax.default_backend() == "cpu"
+    if isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1):
+        return unroll, False
+    raise ValueError(
+        f"{caller}: unroll must be 'auto', True, False or a positive int, got {unroll!r}."
+    )
+
+
 def accumulate(
     fn: Callable,
     params: PyTree,
@@ -84,7 +99,7 @@ def accumulate(
     count: Count = None,
     grads: PyTree = None,
     accum_dtype: Any = jnp.float32,
-    unroll: int | bool = 1,
+    unroll: int | bool | Literal["auto"] = "auto",
     split: Literal["strided", "contiguous"] = "strided",
 ) -> tuple[jax.Array, Any]:
     """Full-batch mean-loss gradient, computed over micro-batches in one ``lax.scan``.
@@ -127,12 +142,15 @@ def accumulate(
         their own precision); the result is cast to each accumulator leaf's dtype.
         ``None``: the accumulator's own dtype. The loss value is summed in the wider of
         the loss's dtype and this one (float64 for a float64 loss).
-      unroll: passed to ``lax.scan``. ``True`` unrolls the micro-batch loop, which gives
-        up the flat memory (XLA may then schedule several micro-batches at once) for
-        speed where XLA runs the loop body poorly: its CPU backend runs convolutions
-        inside a loop far slower than outside one (measured 28x on `fgrad bench`'s CNN),
-        so on CPU, for convolutional models whose micro-batches fit in memory together,
-        ``unroll=True`` is the faster choice.
+      unroll: ``"auto"`` (default): a rolled loop, so peak memory stays flat in the
+        number of micro-batches; on the CPU backend, every convolution of the loop body
+        (the backward pass's included) is first rewritten into the layout XLA:CPU runs
+        fast, as XLA itself does outside loops but not inside them (jax#12868: without
+        it, a CNN's loop runs far slower than the same loop unrolled). The result is the
+        same; the rewrite adds a few transposes. An int or ``True``:
+        passed to ``lax.scan`` as is, with no rewrite (``True`` unrolls the loop, which
+        gives up the flat memory: XLA may then hold several micro-batches' activations
+        at once).
       split: how the ``k`` equal micro-batches are cut from the batch. ``"strided"``
         (default): micro-batch ``i`` holds examples ``i, i+k, i+2k, ...``, so a batch
         sharded over devices gives every micro-batch a share of every device.
@@ -159,6 +177,7 @@ def accumulate(
     caller = "fgrad.accumulate"
     if split not in ("strided", "contiguous"):
         raise ValueError(f"{caller}: split must be 'strided' or 'contiguous', got {split!r}.")
+    scan_unroll, rewrite_convs = _loop_plan(unroll, caller)
     grads = prepare_grads(params, grads, caller)
     n = _batch_size(batch, caller)
     k, m, r = _plan(n, microbatches, microbatch_size, caller)
@@ -200,12 +219,13 @@ def accumulate(
     def body(carry, i):
         total_w, total_v, acc = carry
         mb = index(i)
-        w, v, g = weighted(mb, m)
+        one = lambda mb: weighted(mb, m)
+        w, v, g = (canonical_convs(one) if rewrite_convs else one)(mb)
         return (total_w + w, total_v + v, add_into(acc, g, w)), None
 
     zero = jnp.zeros((), value_dt)
     (total_w, total_v, sums), _ = jax.lax.scan(
-        body, (zero, zero, sums), jnp.arange(k), unroll=unroll
+        body, (zero, zero, sums), jnp.arange(k), unroll=scan_unroll
     )
     if r:
         w, v, g = weighted(jax.tree.map(lambda x: x[k * m :], batch), r)

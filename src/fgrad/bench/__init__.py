@@ -26,6 +26,7 @@ SUITE_SETTINGS = {  # min seconds per timing round, rounds, matmul size for the 
     "tiny": (0.005, 3, 256),
     "quick": (0.05, 7, 1024),
     "full": (0.2, 10, 2048),
+    "large": (0.1, 5, 2048),  # GPU only: one step is tens of milliseconds there
 }
 GPU_MATMUL = 8192  # matmul size for a GPU's peak: milliseconds per product, not launches
 
@@ -174,7 +175,7 @@ def run(
     ``log``, if given, receives every worker record as a JSON line the moment it arrives.
     """
     if suite not in SUITE_SETTINGS:
-        raise ValueError(f"fgrad bench: unknown suite {suite!r}; use tiny, quick or full.")
+        raise ValueError(f"fgrad bench: unknown suite {suite!r}; use tiny, quick, full or large.")
     if precision not in PRECISIONS:
         raise ValueError(
             f"fgrad bench: unknown precision {precision!r}; use {' or '.join(PRECISIONS)}."
@@ -194,6 +195,13 @@ def run(
             "fgrad bench: --device gpu, but JAX sees no GPU here (its default backend is "
             "the CPU). Install the CUDA builds of JAX and PyTorch (e.g. pip install "
             "'jax[cuda13]' and a CUDA torch), or use --device cpu (or auto)."
+        )
+    if suite == "large" and device == "cpu":
+        raise ValueError(
+            "fgrad bench: --suite large is sized for a GPU (a ResNet-style CNN on 64x64 "
+            "images, a transformer block of width 1024 on sequences of 1024): on a CPU one "
+            "step takes seconds to minutes. Run it with --device gpu, or use --suite quick "
+            "or full on the CPU."
         )
     have_torch = torch_available()
     todo = cases(suite, only, torch=have_torch)

@@ -21,6 +21,10 @@ OP_MODULES = (
     "fgrad.bench._ops_per_example",
 )
 
+# The large suite (sized for a GPU) times fewer operations, on its own workloads only: the
+# gradient (against torch.compile too), the accumulation loop, a penalty and the HVP.
+LARGE_OPS = ("grad", "microbatch", "input_gradient", "hvp")
+
 
 class Unsupported(Exception):
     """A framework cannot run this case (e.g. torch.compile and double backward): reported
@@ -65,12 +69,13 @@ def cases(
     def add(w: Workload, op: str) -> None:
         out.extend(Case(w, op, impl, reg.framework(op, impl)) for impl in reg.impls(op))
 
+    ops = [op for op in reg.ops() if suite != "large" or op in LARGE_OPS]
     for w in workloads(suite):
-        for op in reg.ops():
+        for op in ops:
             if reg.applies(op, w):
                 add(w, op)
-    for op in reg.ops():
-        for w in reg.own_workloads(op, suite):
+    for op in ops:
+        for w in reg.own_workloads(op, suite) if suite != "large" else ():
             add(w, op)
     if only:
         pats = [p.strip() for p in only.split(",") if p.strip()]

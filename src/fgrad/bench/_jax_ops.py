@@ -112,7 +112,9 @@ def backward_accumulate(impl: str, w: Workload) -> tuple[Callable, tuple]:
 def _microbatch(impl: str, w: Workload, unroll: bool) -> tuple[Callable, tuple]:
     params, batch, _, _, _, plain = _setup(w)
     if impl == "fgrad":
-        f = lambda p, b: fgrad.accumulate(plain, p, b, microbatches=K_MICRO, unroll=unroll or 1)[1]
+        # the default loop ("auto"), or unrolled
+        how = True if unroll else "auto"
+        f = lambda p, b: fgrad.accumulate(plain, p, b, microbatches=K_MICRO, unroll=how)[1]
         return jax.jit(f), (params, batch)
 
     def scan(p, b):

@@ -55,16 +55,22 @@ def _mlp_params(cfg, rng):
     return p
 
 
+def _kernel(rng, c_out, c_in):
+    return (rng.normal(size=(c_out, c_in, 3, 3)) / np.sqrt(9 * c_in)).astype(np.float32)
+
+
 def _cnn_params(cfg, rng):
     c1, c2 = cfg["channels"]
-    return {
-        "conv1.weight": (rng.normal(size=(c1, 3, 3, 3)) / np.sqrt(27)).astype(np.float32),
-        "conv1.bias": np.zeros(c1, np.float32),
-        "conv2.weight": (rng.normal(size=(c2, c1, 3, 3)) / np.sqrt(9 * c1)).astype(np.float32),
-        "conv2.bias": np.zeros(c2, np.float32),
-        "fc.weight": _dense(rng, cfg["classes"], c2),
-        "fc.bias": np.zeros(cfg["classes"], np.float32),
-    }
+    p = {"conv1.weight": _kernel(rng, c1, 3), "conv1.bias": np.zeros(c1, np.float32)}
+    for i in range(cfg.get("blocks", 0)):  # ResNet-style: residual blocks at c1 channels
+        for j in ("a", "b"):
+            p[f"block{i}{j}.weight"] = _kernel(rng, c1, c1)
+            p[f"block{i}{j}.bias"] = np.zeros(c1, np.float32)
+    p["conv2.weight"] = _kernel(rng, c2, c1)
+    p["conv2.bias"] = np.zeros(c2, np.float32)
+    p["fc.weight"] = _dense(rng, cfg["classes"], c2)
+    p["fc.bias"] = np.zeros(cfg["classes"], np.float32)
+    return p
 
 
 def _transformer_params(cfg, rng):
@@ -117,7 +123,9 @@ _BATCH: dict[str, Callable] = {
 
 
 def workloads(suite: str) -> list[Workload]:
-    """The workloads of a suite: ``tiny`` (tests), ``quick`` or ``full``."""
+    """The workloads of a suite: ``tiny`` (tests), ``quick``, ``full`` or ``large`` (a
+    ResNet-style CNN on 64x64 images and a transformer block of width 1024 on sequences
+    of 1024, batches that keep a GPU busy)."""
     seed = Workload("seed", "seed", {}, 1)
     mlp = lambda w, d, n: Workload(
         f"mlp-{w}x{d}", "mlp", {"inputs": 256, "width": w, "depth": d, "classes": 10}, n
@@ -138,6 +146,14 @@ def workloads(suite: str) -> list[Workload]:
         ]
     if suite == "quick":
         return [seed, mlp(256, 3, 128), mlp(1024, 3, 128), cnn((16, 32), 32), tr(128, 64, 8)]
+    if suite == "large":  # sized for a GPU: refused on the CPU (fgrad bench says so)
+        resnet = Workload(
+            "resnet-64-128",
+            "cnn",
+            {"channels": (64, 128), "blocks": 2, "size": 64, "classes": 10},
+            128,
+        )
+        return [resnet, tr(1024, 1024, 16)]
     if suite == "full":
         return [
             seed,
@@ -150,7 +166,7 @@ def workloads(suite: str) -> list[Workload]:
             tr(128, 64, 8),
             tr(256, 128, 8),
         ]
-    raise ValueError(f"fgrad bench: unknown suite {suite!r}; use tiny, quick or full.")
+    raise ValueError(f"fgrad bench: unknown suite {suite!r}; use tiny, quick, full or large.")
 
 
 def hidden_names(w: Workload) -> list[str]:
@@ -205,8 +221,13 @@ def jax_forward(w: Workload) -> Callable[[Any, Any, Callable], Any]:
             )
             return y + b
 
+        blocks = w.config.get("blocks", 0)
+
         def cnn(p, x, tap):
             h = tap("conv1", jax.nn.relu(conv(x, p["conv1.weight"], p["conv1.bias"])))
+            for i in range(blocks):
+                r = jax.nn.relu(conv(h, p[f"block{i}a.weight"], p[f"block{i}a.bias"]))
+                h = jax.nn.relu(h + conv(r, p[f"block{i}b.weight"], p[f"block{i}b.bias"]))
             h = tap("conv2", jax.nn.relu(conv(h, p["conv2.weight"], p["conv2.bias"])))
             return _linear(p, "fc", h.mean(axis=(1, 2)))
 
@@ -245,10 +266,14 @@ def torch_forward(w: Workload) -> Callable[[Any, Any, Callable], Any]:
     if w.kind == "mlp":
         return _mlp_forward(w.config["depth"], torch.tanh)
     if w.kind == "cnn":
+        blocks = w.config.get("blocks", 0)
+        conv = lambda p, h, name: F.conv2d(h, p[f"{name}.weight"], p[f"{name}.bias"], padding=1)
 
         def cnn(p, x, tap):
-            h = tap("conv1", F.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=1)))
-            h = tap("conv2", F.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"], padding=1)))
+            h = tap("conv1", F.relu(conv(p, x, "conv1")))
+            for i in range(blocks):
+                h = F.relu(h + conv(p, F.relu(conv(p, h, f"block{i}a")), f"block{i}b"))
+            h = tap("conv2", F.relu(conv(p, h, "conv2")))
             return _linear(p, "fc", h.mean(dim=(2, 3)))
 
         return cnn
