@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fgrad import bench
-from fgrad.bench import _cases, _jax_ops, _torch_ops
+from fgrad.bench import _cases
 from fgrad.bench._workloads import jax_forward, torch_forward, workloads
 from helpers import assert_tree_allclose
 
@@ -56,7 +56,7 @@ def test_large_ops_run_and_agree(op):
     w = small_resnet()
     outs = {}
     for impl in ("fgrad", "jax"):
-        fn, args = _jax_ops.build(op, impl, w)
+        fn, args = _cases.registry().builder(op, impl)(impl, w)
         outs[impl] = fn(*args)
     assert_tree_allclose(outs["fgrad"], outs["jax"], rtol=1e-4, atol=1e-6)
-    _torch_ops.build(op, "torch", w, "cpu")()
+    _cases.registry().builder(op, "torch")("torch", w, "cpu")()

@@ -91,7 +91,7 @@ def _run(jaxpr: Any, consts: Any, args: Any) -> list:
         ctx = getattr(getattr(eqn, "ctx", None), "manager", None) or contextlib.nullcontext()
         with ctx:
             if name == _CONV and _rewritable(eqn.params):
-                outs = [_conv(*invals, eqn.params)]
+                outs = [_conv(invals[0], invals[1], eqn.params)]
             elif name in _CALLS and _has_rewritable(eqn.params["jaxpr"].jaxpr):
                 sub = eqn.params["jaxpr"]
                 outs = _run(sub.jaxpr, sub.consts, invals)

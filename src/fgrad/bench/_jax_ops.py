@@ -5,7 +5,7 @@ once written by hand with plain JAX transforms ("jax"), both jit-compiled; one b
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +113,7 @@ def _microbatch(impl: str, w: Workload, unroll: bool) -> tuple[Callable, tuple]:
     params, batch, _, _, _, plain = _setup(w)
     if impl == "fgrad":
         # the default loop ("auto"), or unrolled
-        how = True if unroll else "auto"
+        how: bool | Literal["auto"] = True if unroll else "auto"
         f = lambda p, b: fgrad.accumulate(plain, p, b, microbatches=K_MICRO, unroll=how)[1]
         return jax.jit(f), (params, batch)
 
