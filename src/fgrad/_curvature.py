@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
-from fgrad._hessian import flat_hvp
+from fgrad._ggn import flat_operator
 
 
 class _Op(NamedTuple):
@@ -32,9 +32,17 @@ class _Op(NamedTuple):
     unravel: Callable[[jax.Array], Any]
 
 
-def _operator(f: Callable, params: Any, batch: Any, caller: str) -> _Op:
+def _operator(
+    f: Callable,
+    params: Any,
+    batch: Any,
+    caller: str,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
+    key: Any = None,
+) -> _Op:
     _checks.require_float_tree(params, caller, "params")
-    matvec, flat, unravel = flat_hvp(f, params, batch, caller)
+    matvec, flat, unravel = flat_operator(operator, f, params, batch, loss_fn, key, caller)
     if flat.size == 0:
         raise ValueError(f"{caller}: params has no entries.")
     return _Op(matvec, int(flat.size), flat.dtype, unravel)
@@ -67,6 +75,8 @@ def hessian_diagonal(
     key: Any = None,
     samples: int = 100,
     chunk_size: int | None = None,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
 ) -> Any:
     """The diagonal of the Hessian of ``f(params, *batch)``, shaped like ``params``.
 
@@ -80,6 +90,11 @@ def hessian_diagonal(
       key: PRNG key (``"hutchinson"`` only).
       samples: number of probes (``"hutchinson"``).
       chunk_size: unit vectors per vectorised batch of HVPs (``"exact"``; None: all).
+      operator: the curvature: ``"hessian"`` of ``f``; or, with ``f = model_fn(params,
+        x)``, ``loss_fn=`` and the batch ``(x, y)``, the GGN (``"ggn"``, `ggn_vp`), the
+        empirical Fisher (``"fisher"``) or the Monte Carlo Fisher (``"fisher_mc"``: one
+        draw from ``key``, fixed for every product; see `fisher_vp`).
+      loss_fn: ``loss_fn(outputs, y) -> scalar`` (operators other than the Hessian).
 
     Returns:
       ``"exact"``: the diagonal as a pytree like ``params``. ``"hutchinson"``: an
@@ -93,7 +108,7 @@ def hessian_diagonal(
       {'w': Array([0., 2., 8.], dtype=float32)}
     """
     caller = "fgrad.curvature.hessian_diagonal"
-    op = _operator(f, params, batch, caller)
+    op = _operator(f, params, batch, caller, operator, loss_fn, key)
     if method == "exact":
         if chunk_size is not None:
             _checks.positive_int(chunk_size, "chunk_size", caller)
@@ -125,6 +140,8 @@ def hessian_trace(
     key: Any = None,
     method: str = "hutch++",
     samples: int = 99,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
 ) -> Estimate:
     """A stochastic estimate of the trace of the Hessian of ``f(params, *batch)``.
 
@@ -138,6 +155,11 @@ def hessian_trace(
         spectrum exactly from a sketch and applies Hutchinson only to the rest, so its
         error falls as 1/samples instead of 1/sqrt(samples).
       samples: the number of Hessian-vector products (for Hutch++, split in three).
+      operator: the curvature: ``"hessian"`` of ``f``; or, with ``f = model_fn(params,
+        x)``, ``loss_fn=`` and the batch ``(x, y)``, the GGN (``"ggn"``, `ggn_vp`), the
+        empirical Fisher (``"fisher"``) or the Monte Carlo Fisher (``"fisher_mc"``: one
+        draw from ``key``, fixed for every product; see `fisher_vp`).
+      loss_fn: ``loss_fn(outputs, y) -> scalar`` (operators other than the Hessian).
 
     Returns:
       An `Estimate` ``(value, stderr)``.
@@ -153,7 +175,7 @@ def hessian_trace(
     caller = "fgrad.curvature.hessian_trace"
     _require_key(key, caller)
     samples = _checks.positive_int(samples, "samples", caller)
-    op = _operator(f, params, batch, caller)
+    op = _operator(f, params, batch, caller, operator, loss_fn, key)
     apply = jax.vmap(op.matvec, in_axes=1, out_axes=1)  # H @ (n, k)
     if method == "hutchinson":
         z = _rademacher(key, (op.n, samples), op.dtype)
@@ -239,6 +261,8 @@ def hessian_eigenvalues(
     which: str = "largest",
     iterations: int | None = None,
     return_vectors: bool = False,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
 ) -> Eigen:
     """The k largest (or smallest) eigenvalues of the Hessian, by Lanczos.
 
@@ -257,6 +281,11 @@ def hessian_eigenvalues(
       iterations: Krylov dimension, ``k <= iterations <= n``; default
         ``min(n, max(2k + 20, 40))``.
       return_vectors: also return the eigenvectors (as parameter-shaped pytrees).
+      operator: the curvature: ``"hessian"`` of ``f``; or, with ``f = model_fn(params,
+        x)``, ``loss_fn=`` and the batch ``(x, y)``, the GGN (``"ggn"``, `ggn_vp`), the
+        empirical Fisher (``"fisher"``) or the Monte Carlo Fisher (``"fisher_mc"``: one
+        draw from ``key``, fixed for every product; see `fisher_vp`).
+      loss_fn: ``loss_fn(outputs, y) -> scalar`` (operators other than the Hessian).
 
     Returns:
       An `Eigen` ``(values, vectors)``; ``values`` has shape ``(k,)``.
@@ -271,7 +300,7 @@ def hessian_eigenvalues(
     """
     caller = "fgrad.curvature.hessian_eigenvalues"
     _require_key(key, caller)
-    op = _operator(f, params, batch, caller)
+    op = _operator(f, params, batch, caller, operator, loss_fn, key)
     k = _checks.positive_int(k, "k", caller)
     if k > op.n:
         raise ValueError(
@@ -329,6 +358,8 @@ def hessian_spectrum(
     runs: int = 8,
     grid_size: int = 512,
     sigma: float | None = None,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
 ) -> Spectrum:
     """The Hessian's eigenvalue density, by stochastic Lanczos quadrature (SLQ).
 
@@ -346,6 +377,11 @@ def hessian_spectrum(
       runs: independent starting vectors.
       grid_size: points of the returned density grid.
       sigma: Gaussian smoothing width; default 1% of the spectral range.
+      operator: the curvature: ``"hessian"`` of ``f``; or, with ``f = model_fn(params,
+        x)``, ``loss_fn=`` and the batch ``(x, y)``, the GGN (``"ggn"``, `ggn_vp`), the
+        empirical Fisher (``"fisher"``) or the Monte Carlo Fisher (``"fisher_mc"``: one
+        draw from ``key``, fixed for every product; see `fisher_vp`).
+      loss_fn: ``loss_fn(outputs, y) -> scalar`` (operators other than the Hessian).
 
     Returns:
       A `Spectrum`.
@@ -361,7 +397,7 @@ def hessian_spectrum(
     """
     caller = "fgrad.curvature.hessian_spectrum"
     _require_key(key, caller)
-    op = _operator(f, params, batch, caller)
+    op = _operator(f, params, batch, caller, operator, loss_fn, key)
     runs = _checks.positive_int(runs, "runs", caller)
     grid_size = _checks.positive_int(grid_size, "grid_size", caller)
     m = _checks.positive_int(iterations, "iterations", caller)
