@@ -17,8 +17,11 @@ from fgrad._ggn import fisher_vp as fisher_vp
 from fgrad._ggn import ggn_diagonal as ggn_diagonal
 from fgrad._ggn import ggn_vp as ggn_vp
 from fgrad._ggn import mean_squared_error as mean_squared_error
+from fgrad._kfac import KFAC as KFAC
+from fgrad._kfac import kfac as kfac
 
 __all__ = [
+    "KFAC",
     "CrossEntropy",
     "Eigen",
     "Estimate",
@@ -32,5 +35,6 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_spectrum",
     "hessian_trace",
+    "kfac",
     "mean_squared_error",
 ]

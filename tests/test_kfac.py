@@ -1,0 +1,256 @@
+"""K-FAC against curvlinops' KFACLinearOperator and BackPACK's KFLR/KFAC on the same weights
+(an MLP, a CNN, a dense layer shared over sequence positions), and against the exact GGN
+where K-FAC is exact."""
+
+import copy
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.flatten_util import ravel_pytree
+
+from fgrad import curvature
+from fgrad.interop.torch import to_jax
+from helpers import cpu_data_parallel
+
+CE, MSE = curvature.cross_entropy, curvature.mean_squared_error
+N = 8
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _conv(x, w, b):
+    dn = ("NCHW", "OIHW", "NCHW")
+    return (
+        jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=dn)
+        + b[None, :, None, None]
+    )
+
+
+def mlp_fn(p, x):
+    h = jnp.tanh(x @ p["0.weight"].T + p["0.bias"])
+    return h @ p["2.weight"].T + p["2.bias"]
+
+
+def cnn_fn(p, x):
+    h = jnp.tanh(_conv(x, p["0.weight"], p["0.bias"]))
+    return h.reshape(h.shape[0], -1) @ p["3.weight"].T + p["3.bias"]
+
+
+class SeqNet(torch.nn.Module):
+    """A dense layer shared over 3 sequence positions, tanh, mean over positions, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Linear(4, 5)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)).mean(1))
+
+
+def seq_fn(p, x):
+    h = jnp.tanh(jnp.einsum("ntd,ed->nte", x, p["emb.weight"]) + p["emb.bias"])
+    return h.mean(1) @ p["head.weight"].T + p["head.bias"]
+
+
+def _models():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 2, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(18, 3),
+    )
+    return {
+        "mlp": (mlp.double(), mlp_fn, (N, 4)),
+        "cnn": (cnn.double(), cnn_fn, (N, 2, 3, 3)),
+        "seq": (SeqNet().double(), seq_fn, (N, 3, 4)),
+    }
+
+
+@functools.cache
+def _make(name):
+    with jax.enable_x64(True):
+        module, fn, shape = _models()[name]
+        r = np.random.default_rng(1)
+        return (
+            name,
+            module,
+            fn,
+            to_jax(module),
+            jnp.asarray(r.normal(size=shape)),
+            jnp.asarray(r.integers(0, 3, N)),
+            jnp.asarray(r.normal(size=(N, 3))),
+        )
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn", "seq"])
+def model(request):
+    return _make(request.param)
+
+
+def _random_like(p, seed):
+    flat, unravel = ravel_pytree(p)
+    return unravel(jnp.asarray(np.random.default_rng(seed).normal(size=flat.size)))
+
+
+def _flat(t):
+    return np.asarray(ravel_pytree(t)[0])
+
+
+def _curvlinops(module, loss, x, y, **kw):
+    from curvlinops import KFACLinearOperator
+
+    lossfn = torch.nn.CrossEntropyLoss() if loss is CE else torch.nn.MSELoss()
+    data = [(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)))]
+    return KFACLinearOperator(
+        module, lossfn, list(module.parameters()), data, check_deterministic=False, **kw
+    )
+
+
+def _apply(op, module, v):
+    out = op @ [torch.from_numpy(np.asarray(v[k])) for k, _ in module.named_parameters()]
+    return {k: t.numpy() for (k, _), t in zip(module.named_parameters(), out, strict=True)}
+
+
+@pytest.mark.parametrize(
+    ("loss", "fisher", "approx"),
+    [(CE, "ggn", "expand"), (MSE, "ggn", "reduce"), (CE, "empirical", "reduce")],
+    ids=["ce-ggn-expand", "mse-ggn-reduce", "ce-empirical-reduce"],
+)
+def test_kfac_equals_curvlinops(model, loss, fisher, approx):
+    _, module, fn, p, x, labels, targets = model
+    y = labels if loss is CE else targets
+    k = jax.jit(lambda p, x, y: curvature.kfac(fn, loss, p, x, y, fisher=fisher, approx=approx))(
+        p, x, y
+    )
+    assert k.uncovered == ()
+    ftype = {"ggn": "type-2", "empirical": "empirical"}[fisher]
+    op = _curvlinops(module, loss, x, y, fisher_type=ftype, kfac_approx=approx)
+    v = _random_like(p, 2)
+    np.testing.assert_allclose(
+        _flat(k.matvec(v)), _flat(_apply(op, module, v)), rtol=1e-10, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])  # BackPACK's Linear takes 2-d inputs only
+def test_kfac_factors_equal_backpack_kflr_and_kfac(name):
+    """BackPACK's KFLR (K-FAC of the GGN) factor by factor, and its KFAC (the Monte Carlo
+    estimate) within sampling error. For a convolution BackPACK pairs the "reduce" G with
+    the "expand" A summed over the T output positions instead of averaged."""
+    from backpack import backpack, extend
+    from backpack.extensions import KFAC, KFLR
+
+    _, module, fn, p, x, labels, _ = _make(name)
+    ext = extend(copy.deepcopy(module))
+    lossfn = extend(torch.nn.CrossEntropyLoss())
+    with backpack(KFLR(), KFAC(mc_samples=2000)):
+        lossfn(ext(torch.from_numpy(np.array(x))), torch.from_numpy(np.array(labels))).backward()
+    expand = curvature.kfac(fn, CE, p, x, labels)
+    reduce = curvature.kfac(fn, CE, p, x, labels, approx="reduce")
+    for pname, q in ext.named_parameters():
+        i = expand.paths.index(f"['{pname}']")
+        conv = q.dim() == 4 or (
+            pname.endswith("bias") and isinstance(ext[int(pname[0])], torch.nn.Conv2d)
+        )
+        g = reduce.g[i] if conv else expand.g[i]
+        np.testing.assert_allclose(q.kflr[0].numpy(), g, rtol=1e-10, atol=1e-14)
+        mc = q.kfac[0].numpy()
+        assert np.linalg.norm(mc - g) < 0.15 * np.linalg.norm(g)
+        if q.dim() > 1:
+            t = 9 if conv else 1  # output positions of the 3x3 convolution
+            np.testing.assert_allclose(q.kflr[1].numpy(), t * expand.a[i], rtol=1e-10, atol=1e-14)
+
+
+def test_kfac_is_the_exact_ggn_for_one_linear_layer_one_example():
+    r = np.random.default_rng(4)
+    p = {"w": jnp.asarray(r.normal(size=(4, 3))), "b": jnp.asarray(r.normal(size=3))}
+    x, y = jnp.asarray(r.normal(size=(1, 4))), jnp.asarray(r.normal(size=(1, 3)))
+    fn = lambda p, x: x @ p["w"] + p["b"]
+    k = curvature.kfac(fn, MSE, p, x, y, bias=False)
+    flat, unravel = ravel_pytree(p)
+    jac = jax.jacobian(lambda f: fn(unravel(f), x).reshape(-1))(flat)
+    ggn = jac.T @ jax.hessian(lambda o: MSE(o.reshape(1, 3), y))(fn(p, x).reshape(-1)) @ jac
+    w_rows = np.r_[3 : 3 + 12]  # ravel order: "b" (3), then "w" (12)
+    dense = np.asarray(k.dense())
+    np.testing.assert_allclose(
+        dense[np.ix_(w_rows, w_rows)], ggn[np.ix_(w_rows, w_rows)], rtol=1e-10, atol=1e-13
+    )
+    assert k.uncovered == ("['b']",)
+    np.testing.assert_array_equal(dense[:3], 0)  # outside the operator
+
+
+def test_solve_eigenvalues_and_damping(model):
+    _, _, fn, p, x, labels, _ = model
+    k = curvature.kfac(fn, CE, p, x, labels, damping=0.1)
+    dense = np.asarray(k.dense())
+    v = _random_like(p, 5)
+    np.testing.assert_allclose(_flat(k.solve(v)), np.linalg.solve(dense, _flat(v)), rtol=1e-9)
+    np.testing.assert_allclose(
+        _flat(k.solve(v, damping=0.5)),
+        np.linalg.solve(dense + 0.4 * np.eye(len(dense)), _flat(v)),
+        rtol=1e-9,
+    )
+    np.testing.assert_allclose(k.eigenvalues(), np.linalg.eigvalsh(dense)[::-1], rtol=1e-9)
+    np.testing.assert_allclose(k.eigenvalues(3), np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
+
+
+def test_kfac_over_microbatches_sharded_and_chosen_layers():
+    module, fn, _ = _models()["mlp"]
+    r = np.random.default_rng(6)
+    p = to_jax(module)
+    x, y = jnp.asarray(r.normal(size=(16, 4))), jnp.asarray(r.integers(0, 3, 16))
+    whole = curvature.kfac(fn, CE, p, x, y)
+    shard, replicate = cpu_data_parallel("data")
+    scanned = jax.jit(lambda p, x, y: curvature.kfac(fn, CE, p, x, y, microbatches=2))(
+        replicate(p), shard(x), shard(y)
+    )
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(scanned), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    one = curvature.kfac(fn, CE, p, x, y, layers="*2.weight*")
+    assert one.paths == ("['2.weight']", "['2.bias']")
+    assert one.uncovered == ("['0.bias']", "['0.weight']")
+    np.testing.assert_allclose(one.g[0], whole.g[2], rtol=1e-12)
+
+
+def test_monte_carlo_kfac_within_sampling_error_of_ggn_kfac():
+    module, fn, shape = _models()["mlp"]
+    p = to_jax(module)
+    r = np.random.default_rng(7)
+    x, y = jnp.asarray(r.normal(size=shape)), jnp.asarray(r.integers(0, 3, N))
+    exact = curvature.kfac(fn, CE, p, x, y)
+    mc = curvature.kfac(fn, CE, p, x, y, fisher="mc", key=jax.random.key(0), samples=4000)
+    for ge, gm in zip(exact.g, mc.g, strict=True):
+        assert np.linalg.norm(gm - ge) < 0.1 * np.linalg.norm(ge)
+
+
+def test_errors_name_the_function():
+    p = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    fn = lambda p, x: x @ p["w"] + p["b"]
+    x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+    with pytest.raises(
+        ValueError, match=r"fgrad.curvature.kfac: the layer pattern '\*conv\*' matches no"
+    ):
+        curvature.kfac(fn, MSE, p, x, y, layers="*conv*")
+    with pytest.raises(ValueError, match=r"fgrad.curvature.kfac: damping must be a non-negative"):
+        curvature.kfac(fn, MSE, p, x, y, damping=-1.0)
+    k = curvature.kfac(fn, MSE, p, x, y)
+    with pytest.raises(ValueError, match=r"fgrad.curvature.KFAC.solve: damping must be a positive"):
+        k.solve(p)
+    with pytest.raises(ValueError, match=r"fgrad.curvature.KFAC.solve: damping must be a positive"):
+        k.solve(p, damping=-0.5)
+    with pytest.raises(ValueError, match=r"fgrad.curvature.kfac: mean_squared_error needs targets"):
+        curvature.kfac(fn, MSE, p, x, jnp.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"fgrad.curvature.kfac: .*no rule for"):
+        curvature.kfac(fn, lambda o, y: jnp.mean((o - y) ** 2), p, x, y, fisher="mc")
+    with pytest.raises(ValueError, match=r"fgrad.curvature.KFAC.matvec: v must have"):
+        k.matvec({"w": jnp.ones((3, 2))})
