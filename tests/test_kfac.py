@@ -254,3 +254,42 @@ def test_errors_name_the_function():
         curvature.kfac(fn, lambda o, y: jnp.mean((o - y) ** 2), p, x, y, fisher="mc")
     with pytest.raises(ValueError, match=r"fgrad.curvature.KFAC.matvec: v must have"):
         k.matvec({"w": jnp.ones((3, 2))})
+
+
+def test_bench_builders_agree_on_small_workloads():
+    """Each builder of fgrad.bench._ops_curvature runs once; fgrad, hand-written JAX and
+    curvlinops give the same numbers (float32)."""
+    from fgrad.bench import _ops_curvature as ops
+    from fgrad.bench._workloads import Workload
+
+    mlp = Workload("mlp", "mlp", {"inputs": 6, "width": 5, "depth": 2, "classes": 3}, 4)
+    cnn = Workload("cnn", "cnn", {"channels": (2, 3), "size": 4, "classes": 3}, 2)
+    with jax.enable_x64(False):
+        for w in (mlp, cnn):
+            ggn = {i: b("x", w) for i, b in ops.JAX["ggn_vp"].items()}
+            ggn = {i: f(*args) for i, (f, args) in ggn.items()}
+            want = ops.TORCH["ggn_vp"]["curvlinops"]("curvlinops", w, "cpu")()
+            want = dict(zip(w.numpy_params(), want, strict=True))  # PyTorch's order
+            got_tf = ops.TORCH["ggn_vp"]["torch.func"]("torch.func", w, "cpu")()
+            got_tf = dict(zip(want, got_tf.values(), strict=True))  # module names differ
+            for k, t in want.items():
+                tol = 2e-4 * float(np.abs(t.numpy()).max()) + 1e-7
+                for got in (ggn["fgrad"][k], ggn["jax"][k], got_tf[k]):
+                    np.testing.assert_allclose(np.asarray(got), t.numpy(), atol=tol)
+            (f1, a1), (f2, a2) = (b("x", w) for b in ops.JAX["kfac_factors"].values())
+            (ka, kg), (ja, jg) = f1(*a1), f2(*a2)
+            kfac_t = ops.TORCH["kfac_factors"]["curvlinops"]("curvlinops", w, "cpu")
+            kfac_t()
+            op = kfac_t.__self__
+            ta = op._input_covariances.values()  # forward order; gradients keyed alike
+            tg = [op._gradient_covariances[m] for m in op._input_covariances]
+            assert ops.APPLIES["kfac_factors"](w) and ops.APPLIES["ggn_vp"](w)
+            for i, (name, a_t, g_t) in enumerate(zip(ja, ta, tg, strict=True)):
+                for got, ref in (
+                    (ka[2 * i], a_t),
+                    (ja[name], a_t),
+                    (kg[2 * i], g_t),
+                    (jg[name], g_t),
+                ):
+                    ref = ref.numpy()
+                    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
