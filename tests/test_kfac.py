@@ -140,6 +140,13 @@ def test_kfac_equals_curvlinops(model, loss, fisher, approx):
     np.testing.assert_allclose(
         _flat(k.matvec(v)), _flat(_apply(op, module, v)), rtol=1e-10, atol=1e-13
     )
+    if fisher == "ggn":  # the damped inverse, exact (curvlinops' use_exact_damping)
+        from curvlinops import KFACInverseLinearOperator
+
+        inv = KFACInverseLinearOperator(op, damping=0.1, use_exact_damping=True)
+        np.testing.assert_allclose(
+            _flat(k.solve(v, damping=0.1)), _flat(_apply(inv, module, v)), rtol=1e-9
+        )
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])  # BackPACK's Linear takes 2-d inputs only

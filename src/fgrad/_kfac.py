@@ -120,21 +120,24 @@ class KFAC:
             for a, g in zip(self.a, self.g, strict=True)
         ]
 
-    def solve(self, v: Any, damping: Any = None) -> Any:
-        """``(⊕ A ⊗ G + λ I)⁻¹ v``, exactly, from the factors' eigendecompositions
-        (``damping``: ``λ``, default the operator's own; it must be positive)."""
+    def solve(self, v: Any, damping: Any = None, *, power: float = 1.0) -> Any:
+        """``(⊕ A ⊗ G + λ I)⁻ᵖ v`` (``p = power``; 1: the inverse, 0.5: the inverse square
+        root, which turns white noise into samples of a Laplace posterior), exactly, from
+        the factors' eigendecompositions. ``damping``: ``λ``, default the operator's own; it
+        must be positive. Factor eigenvalues below zero (round-off) are clipped to zero."""
         caller = "fgrad.curvature.KFAC.solve"
         self._check(v, caller)
         lam = self.damping if damping is None else damping
         _positive_damping(lam, caller)
         out = []
         for (ea, (lg, qg)), m in zip(self._eigh(), self._blocks(v), strict=True):
+            lg = jnp.maximum(lg, 0)
             if ea is None:
-                out.append(qg @ ((qg.T @ m) / (lg + lam)))
+                out.append(qg @ ((qg.T @ m) / (lg + lam) ** power))
                 continue
-            la, qa = ea
+            la, qa = jnp.maximum(ea[0], 0), ea[1]
             rot = qa.T @ m @ qg
-            out.append(qa @ (rot / (la[:, None] * lg[None, :] + lam)) @ qg.T)
+            out.append(qa @ (rot / (la[:, None] * lg[None, :] + lam) ** power) @ qg.T)
         return self._tree(out, v)
 
     def eigenvalues(self, k: int | None = None) -> jax.Array:
