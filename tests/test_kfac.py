@@ -17,6 +17,7 @@ from fgrad.interop.torch import to_jax
 from helpers import cpu_data_parallel
 
 CE, MSE = curvature.cross_entropy, curvature.mean_squared_error
+_APPROX = ("expand", "reduce")
 N = 8
 
 
@@ -93,11 +94,6 @@ def _make(name):
         )
 
 
-@pytest.fixture(scope="module", params=["mlp", "cnn", "seq"])
-def model(request):
-    return _make(request.param)
-
-
 def _random_like(p, seed):
     flat, unravel = ravel_pytree(p)
     return unravel(jnp.asarray(np.random.default_rng(seed).normal(size=flat.size)))
@@ -122,13 +118,23 @@ def _apply(op, module, v):
     return {k: t.numpy() for (k, _), t in zip(module.named_parameters(), out, strict=True)}
 
 
+CASES = [
+    ("mlp", MSE, "ggn", "expand"),
+    ("mlp", CE, "empirical", "expand"),
+    ("cnn", CE, "ggn", "expand"),
+    ("cnn", MSE, "ggn", "reduce"),
+    ("seq", CE, "ggn", "expand"),
+    ("seq", CE, "empirical", "reduce"),
+]
+
+
 @pytest.mark.parametrize(
-    ("loss", "fisher", "approx"),
-    [(CE, "ggn", "expand"), (MSE, "ggn", "reduce"), (CE, "empirical", "reduce")],
-    ids=["ce-ggn-expand", "mse-ggn-reduce", "ce-empirical-reduce"],
+    ("name", "loss", "fisher", "approx"),
+    CASES,
+    ids=[f"{c[0]}-{'ce' if c[1] is CE else 'mse'}-{c[2]}-{c[3]}" for c in CASES],
 )
-def test_kfac_equals_curvlinops(model, loss, fisher, approx):
-    _, module, fn, p, x, labels, targets = model
+def test_kfac_equals_curvlinops(name, loss, fisher, approx):
+    _, module, fn, p, x, labels, targets = _make(name)
     y = labels if loss is CE else targets
     k = jax.jit(lambda p, x, y: curvature.kfac(fn, loss, p, x, y, fisher=fisher, approx=approx))(
         p, x, y
@@ -162,8 +168,9 @@ def test_kfac_factors_equal_backpack_kflr_and_kfac(name):
     lossfn = extend(torch.nn.CrossEntropyLoss())
     with backpack(KFLR(), KFAC(mc_samples=2000)):
         lossfn(ext(torch.from_numpy(np.array(x))), torch.from_numpy(np.array(labels))).backward()
-    expand = curvature.kfac(fn, CE, p, x, labels)
-    reduce = curvature.kfac(fn, CE, p, x, labels, approx="reduce")
+    expand, reduce = jax.jit(
+        lambda p, x, y: tuple(curvature.kfac(fn, CE, p, x, y, approx=a) for a in _APPROX)
+    )(p, x, labels)
     for pname, q in ext.named_parameters():
         i = expand.paths.index(f"['{pname}']")
         conv = q.dim() == 4 or (
@@ -183,12 +190,12 @@ def test_kfac_is_the_exact_ggn_for_one_linear_layer_one_example():
     p = {"w": jnp.asarray(r.normal(size=(4, 3))), "b": jnp.asarray(r.normal(size=3))}
     x, y = jnp.asarray(r.normal(size=(1, 4))), jnp.asarray(r.normal(size=(1, 3)))
     fn = lambda p, x: x @ p["w"] + p["b"]
-    k = curvature.kfac(fn, MSE, p, x, y, bias=False)
+    k = jax.jit(lambda p, x, y: curvature.kfac(fn, MSE, p, x, y, bias=False))(p, x, y)
     flat, unravel = ravel_pytree(p)
     jac = jax.jacobian(lambda f: fn(unravel(f), x).reshape(-1))(flat)
     ggn = jac.T @ jax.hessian(lambda o: MSE(o.reshape(1, 3), y))(fn(p, x).reshape(-1)) @ jac
     w_rows = np.r_[3 : 3 + 12]  # ravel order: "b" (3), then "w" (12)
-    dense = np.asarray(k.dense())
+    dense = np.asarray(jax.jit(lambda k: k.dense())(k))
     np.testing.assert_allclose(
         dense[np.ix_(w_rows, w_rows)], ggn[np.ix_(w_rows, w_rows)], rtol=1e-10, atol=1e-13
     )
@@ -196,19 +203,24 @@ def test_kfac_is_the_exact_ggn_for_one_linear_layer_one_example():
     np.testing.assert_array_equal(dense[:3], 0)  # outside the operator
 
 
-def test_solve_eigenvalues_and_damping(model):
-    _, _, fn, p, x, labels, _ = model
-    k = curvature.kfac(fn, CE, p, x, labels, damping=0.1)
-    dense = np.asarray(k.dense())
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_solve_eigenvalues_and_damping(name):
+    _, _, fn, p, x, labels, _ = _make(name)
     v = _random_like(p, 5)
-    np.testing.assert_allclose(_flat(k.solve(v)), np.linalg.solve(dense, _flat(v)), rtol=1e-9)
+
+    @jax.jit
+    def run(p, x, y, v):
+        k = curvature.kfac(fn, CE, p, x, y, damping=0.1)
+        return k.dense(), k.solve(v), k.solve(v, damping=0.5), k.eigenvalues(), k.eigenvalues(3)
+
+    dense, s1, s2, eig, eig3 = run(p, x, labels, v)
+    dense = np.asarray(dense)
+    np.testing.assert_allclose(_flat(s1), np.linalg.solve(dense, _flat(v)), rtol=1e-9)
     np.testing.assert_allclose(
-        _flat(k.solve(v, damping=0.5)),
-        np.linalg.solve(dense + 0.4 * np.eye(len(dense)), _flat(v)),
-        rtol=1e-9,
+        _flat(s2), np.linalg.solve(dense + 0.4 * np.eye(len(dense)), _flat(v)), rtol=1e-9
     )
-    np.testing.assert_allclose(k.eigenvalues(), np.linalg.eigvalsh(dense)[::-1], rtol=1e-9)
-    np.testing.assert_allclose(k.eigenvalues(3), np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
+    np.testing.assert_allclose(eig, np.linalg.eigvalsh(dense)[::-1], rtol=1e-9)
+    np.testing.assert_allclose(eig3, np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
 
 
 def test_kfac_over_microbatches_sharded_and_chosen_layers():
@@ -216,14 +228,14 @@ def test_kfac_over_microbatches_sharded_and_chosen_layers():
     r = np.random.default_rng(6)
     p = to_jax(module)
     x, y = jnp.asarray(r.normal(size=(16, 4))), jnp.asarray(r.integers(0, 3, 16))
-    whole = curvature.kfac(fn, CE, p, x, y)
+    whole = jax.jit(lambda p, x, y: curvature.kfac(fn, CE, p, x, y))(p, x, y)
     shard, replicate = cpu_data_parallel("data")
     scanned = jax.jit(lambda p, x, y: curvature.kfac(fn, CE, p, x, y, microbatches=2))(
         replicate(p), shard(x), shard(y)
     )
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(scanned), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
-    one = curvature.kfac(fn, CE, p, x, y, layers="*2.weight*")
+    one = jax.jit(lambda p, x, y: curvature.kfac(fn, CE, p, x, y, layers="*2.weight*"))(p, x, y)
     assert one.paths == ("['2.weight']", "['2.bias']")
     assert one.uncovered == ("['0.bias']", "['0.weight']")
     np.testing.assert_allclose(one.g[0], whole.g[2], rtol=1e-12)
@@ -234,8 +246,12 @@ def test_monte_carlo_kfac_within_sampling_error_of_ggn_kfac():
     p = to_jax(module)
     r = np.random.default_rng(7)
     x, y = jnp.asarray(r.normal(size=shape)), jnp.asarray(r.integers(0, 3, N))
-    exact = curvature.kfac(fn, CE, p, x, y)
-    mc = curvature.kfac(fn, CE, p, x, y, fisher="mc", key=jax.random.key(0), samples=4000)
+    exact, mc = jax.jit(
+        lambda p, x, y: (
+            curvature.kfac(fn, CE, p, x, y),
+            curvature.kfac(fn, CE, p, x, y, fisher="mc", key=jax.random.key(0), samples=4000),
+        )
+    )(p, x, y)
     for ge, gm in zip(exact.g, mc.g, strict=True):
         assert np.linalg.norm(gm - ge) < 0.1 * np.linalg.norm(ge)
 
@@ -273,16 +289,17 @@ def test_bench_builders_agree_on_small_workloads():
     cnn = Workload("cnn", "cnn", {"channels": (2, 3), "size": 4, "classes": 3}, 2)
     with jax.enable_x64(False):
         for w in (mlp, cnn):
-            ggn = {i: b("x", w) for i, b in ops.JAX["ggn_vp"].items()}
-            ggn = {i: f(*args) for i, (f, args) in ggn.items()}
-            want = ops.TORCH["ggn_vp"]["curvlinops"]("curvlinops", w, "cpu")()
-            want = dict(zip(w.numpy_params(), want, strict=True))  # PyTorch's order
-            got_tf = ops.TORCH["ggn_vp"]["torch.func"]("torch.func", w, "cpu")()
-            got_tf = dict(zip(want, got_tf.values(), strict=True))  # module names differ
-            for k, t in want.items():
-                tol = 2e-4 * float(np.abs(t.numpy()).max()) + 1e-7
-                for got in (ggn["fgrad"][k], ggn["jax"][k], got_tf[k]):
-                    np.testing.assert_allclose(np.asarray(got), t.numpy(), atol=tol)
+            if w is mlp:  # (the ggn_vp builders do not depend on the model)
+                ggn = {i: b("x", w) for i, b in ops.JAX["ggn_vp"].items()}
+                ggn = {i: f(*args) for i, (f, args) in ggn.items()}
+                want = ops.TORCH["ggn_vp"]["curvlinops"]("curvlinops", w, "cpu")()
+                want = dict(zip(w.numpy_params(), want, strict=True))  # PyTorch's order
+                got_tf = ops.TORCH["ggn_vp"]["torch.func"]("torch.func", w, "cpu")()
+                got_tf = dict(zip(want, got_tf.values(), strict=True))  # module names differ
+                for k, t in want.items():
+                    tol = 2e-4 * float(np.abs(t.numpy()).max()) + 1e-7
+                    for got in (ggn["fgrad"][k], ggn["jax"][k], got_tf[k]):
+                        np.testing.assert_allclose(np.asarray(got), t.numpy(), atol=tol)
             (f1, a1), (f2, a2) = (b("x", w) for b in ops.JAX["kfac_factors"].values())
             (ka, kg), (ja, jg) = f1(*a1), f2(*a2)
             kfac_t = ops.TORCH["kfac_factors"]["curvlinops"]("curvlinops", w, "cpu")
