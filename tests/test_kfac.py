@@ -317,3 +317,37 @@ def test_bench_builders_agree_on_small_workloads():
                 ):
                     ref = ref.numpy()
                     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+
+
+def test_kfac_of_a_flax_model_equals_curvlinops():
+    """A Flax linen MLP on the torch MLP's weights (kernels transposed): the layers are
+    found inside ``model.apply``, biases paired by their module path."""
+
+    import fgrad
+    from fgrad.interop.torch import to_linen
+
+    _, module, _, _, x, labels, _ = _make("mlp")
+    flax_model = fgrad.models.MLP(widths=(5, 3))
+    variables = to_linen(module, rename={"0": "fc1", "2": "fc2"})
+    k = jax.jit(lambda v, x, y: curvature.kfac(flax_model.apply, CE, v, x, y))(variables, x, labels)
+    assert set(k.paths) == {
+        f"['params']['fc{i}']['{n}']" for i in (1, 2) for n in ("kernel", "bias")
+    }
+    v = _random_like(variables, 7)
+    got = k.matvec(v)
+    op = _curvlinops(module, CE, x, labels, fisher_type="type-2")
+    torch_v = {
+        f"{t}.{n}": (lambda a: a.T if n == "weight" else a)(
+            v["params"][f"fc{i}"]["kernel" if n == "weight" else "bias"]
+        )
+        for i, t in ((1, "0"), (2, "2"))
+        for n in ("weight", "bias")
+    }
+    want = _apply(op, module, torch_v)
+    for i, t in ((1, "0"), (2, "2")):
+        np.testing.assert_allclose(
+            got["params"][f"fc{i}"]["kernel"].T, want[f"{t}.weight"], rtol=1e-10, atol=1e-13
+        )
+        np.testing.assert_allclose(
+            got["params"][f"fc{i}"]["bias"], want[f"{t}.bias"], rtol=1e-10, atol=1e-13
+        )
