@@ -264,6 +264,9 @@ def test_errors_name_the_function():
         ValueError, match=r"fgrad.curvature.kfac: the layer pattern '\*conv\*' matches no"
     ):
         curvature.kfac(fn, MSE, p, x, y, layers="*conv*")
+    tied = lambda p, x: x @ p["w"] + p["b"] + jnp.sum(p["w"])
+    with pytest.raises(ValueError, match=r"fgrad.curvature.kfac: the weight \['w'\] is also used"):
+        curvature.kfac(tied, MSE, p, x, y)
     with pytest.raises(ValueError, match=r"fgrad.curvature.kfac: damping must be a non-negative"):
         curvature.kfac(fn, MSE, p, x, y, damping=-1.0)
     k = curvature.kfac(fn, MSE, p, x, y)

@@ -390,11 +390,11 @@ def kfac(
     shapes = tuple(tuple(jnp.shape(p)) for p in flat_params)
 
     def plan(xb):
-        found = _layers.find_layers(model_fn, params, xb)
-        return _select(found, layers, caller)
+        found, _ = _layers.analyse(model_fn, params, xb)
+        return _select(found.layers, layers, caller), found.other_uses
 
     def one(xb, yb, i):
-        chosen = plan(xb)
+        chosen, _ = plan(xb)
         if not chosen:
             raise ValueError(f"{caller}: model_fn has no dense or convolution layer on params.")
         n = jax.tree.leaves(xb)[0].shape[0]
@@ -417,10 +417,16 @@ def kfac(
             result.append(_factors(a_rows, g_rows, approx, norm))
         return result
 
-    chosen = plan(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x))
+    chosen, others = plan(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x))
     facs = _over_batches(one, x, y, microbatches, caller)
     a_s, g_s, idx_s, leaves, paths = [], [], [], [], []
     for layer, (a_f, g_f) in zip(chosen, facs, strict=True):
+        if not layer.exclusive:
+            raise ValueError(
+                f"{caller}: the weight {layer.param} is also used outside its layer "
+                f"({', '.join(others.get(layer.leaf, ()))}), so its GGN block is not A ⊗ G. "
+                "Pass layers= to leave it out."
+            )
         if layer.leaf in leaves:
             raise ValueError(
                 f"{caller}: the weight {layer.param} is used by more than one layer; K-FAC "
