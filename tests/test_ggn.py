@@ -389,3 +389,25 @@ def test_errors_name_the_function():
         )
     with pytest.raises(ValueError, match=r"fgrad.curvature.ggn_vp: v must have the structure"):
         curvature.ggn_vp(fn, custom, p, x, jnp.zeros((4, 2)), {"w": jnp.ones(3)})
+
+
+def test_ggn_vp_through_a_custom_vjp_model():
+    """A custom_vjp activation refuses forward mode; the JVP then comes from transposing
+    the VJP, and the product still equals the dense reference (built by reverse mode)."""
+
+    @jax.custom_vjp
+    def act(z):
+        return jnp.tanh(z)
+
+    act.defvjp(lambda z: (jnp.tanh(z), z), lambda z, g: (g * (1 - jnp.tanh(z) ** 2),))
+    r = np.random.default_rng(9)
+    p = {"w": jnp.asarray(r.normal(size=(4, 3))), "v": jnp.asarray(r.normal(size=(3, 3)))}
+    x, y = jnp.asarray(r.normal(size=(5, 4))), jnp.asarray(r.integers(0, 3, 5))
+    fn = lambda p, x: act(x @ p["w"]) @ p["v"]
+    flat, unravel = ravel_pytree(p)
+    jac = jax.jacrev(lambda f: fn(unravel(f), x).reshape(-1))(flat)
+    out = fn(p, x)
+    h = jax.hessian(lambda o: CE(o.reshape(out.shape), y))(out.reshape(-1))
+    v = _random_like(p, 10)
+    got = jax.jit(lambda p, x, y, v: curvature.ggn_vp(fn, CE, p, x, y, v))(p, x, y, v)
+    np.testing.assert_allclose(_flat(got), (jac.T @ h @ jac) @ _flat(v), rtol=1e-10, atol=1e-12)

@@ -13,7 +13,8 @@ expectation for the losses below). PyTorch: curvlinops' ``GGNLinearOperator``,
 ``DiagGGNMC``.
 
 Every product here is a JVP, a product with a small matrix per example in output space,
-and a VJP. The forward pass is linearised once, so repeated products (Lanczos) share it.
+and a VJP. The forward pass is linearised once, so repeated products (Lanczos) share it;
+where a ``jax.custom_vjp`` refuses forward mode, the JVP is the transpose of the VJP.
 
 References:
   Schraudolph, "Fast curvature matrix-vector products for second-order gradient
@@ -164,20 +165,39 @@ def _check_batch(loss_fn: Callable, outputs: Any, y: Any, caller: str) -> None:
 # --- the linearised model --------------------------------------------------------------------
 
 
+def _has_custom_vjp(jaxpr) -> bool:
+    """Whether a ``jax.custom_vjp`` function (which refuses forward mode) is called
+    anywhere in ``jaxpr``, sub-programs included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("custom_vjp"):
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _has_custom_vjp(inner):
+                    return True
+    return False
+
+
 class _Linearized:
     """``outputs``, ``J v`` and ``Jᵀ u`` of ``model_fn(·, x)`` at ``params``, from one
     linearisation (forward residuals shared by every product)."""
 
     def __init__(self, model_fn: Callable, params: Any, x: Any, caller: str):
-        out, self.jvp = jax.linearize(lambda p: model_fn(p, x), params)
+        f = lambda p: model_fn(p, x)
+        if not _has_custom_vjp(jax.make_jaxpr(f)(params).jaxpr):
+            out, self.jvp = jax.linearize(f, params)
+            self._vjp = jax.linear_transpose(self.jvp, params)
+        else:  # a custom_vjp refuses forward mode: the JVP is the transpose of the VJP
+            out, self._vjp = jax.vjp(f, params)
+            back = jax.linear_transpose(self._vjp, out)
+            self.jvp = lambda v: back((v,))[0]
         if not isinstance(out, jax.Array) or not jnp.issubdtype(out.dtype, jnp.floating):
             raise TypeError(
                 f"{caller}: model_fn(params, x) must return one floating-point array of "
                 f"outputs, got {jax.tree.structure(out)}."
             )
         self.out = out
-        self._vjp = jax.linear_transpose(self.jvp, params)
-        self.params = params
 
     def vjp(self, u: jax.Array) -> Any:
         return self._vjp(u.astype(self.out.dtype))[0]
