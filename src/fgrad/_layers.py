@@ -195,11 +195,15 @@ class Layer:
 
 @dataclasses.dataclass(frozen=True)
 class Found:
-    """What `analyse` found: the layers, and every leaf's other uses (leaf index ->
-    primitive names)."""
+    """What `analyse` found: the layers; every leaf's other uses (leaf index ->
+    primitive names); and the leaves whose gradient does not decompose into layer
+    statistics plus a gradient of their own size (leaf index -> the operation why: a
+    layer weight also used elsewhere, a weight computed by another operation, a
+    matrix handed to a sub-program fgrad cannot see into)."""
 
     layers: tuple[Layer, ...]
     other_uses: dict[int, tuple[str, ...]]
+    undecomposable: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 def _open(j):
@@ -235,47 +239,85 @@ class _Finder:
         self.keys = keys
         self.raw: list[dict] = []
         self.other: dict[int, list[str]] = {}
+        self.blocked: dict[int, str] = {}
 
     def other_use(self, leaf: int, what: str) -> None:
         uses = self.other.setdefault(leaf, [])
         if what not in uses:
             uses.append(what)
 
-    def walk(self, jaxpr, derived: dict, prefix: Path, stack: tuple[int, ...]) -> None:
+    def undecomposable(self, leaves, why: str) -> None:
+        for leaf in leaves:
+            self.blocked.setdefault(leaf, why)
+
+    def walk(self, jaxpr, derived: dict, computed: dict, prefix: Path, stack) -> None:
+        """``derived``: var -> (leaf, layout chain); ``computed``: var -> (leaves, op) for
+        values computed from parameters alone by other operations."""
+
         def d(v):
             return None if isinstance(v, jcore.Literal) else derived.get(v)
+
+        def c(v):
+            return None if isinstance(v, jcore.Literal) else computed.get(v)
 
         for i, eqn in enumerate(jaxpr.eqns):
             path = (*prefix, i)
             ins = [d(v) for v in eqn.invars]
+            cins = [c(v) for v in eqn.invars]
             prim = eqn.primitive.name
-            if not any(ins):
+            if not any(ins) and not any(cins):
                 continue
-            if ins[0] and _is_layout(eqn) and not any(ins[1:]):
+            if ins[0] and _is_layout(eqn) and not any(ins[1:]) and not any(cins):
                 leaf, chain = ins[0]
                 derived[eqn.outvars[0]] = (leaf, (*chain, (eqn.primitive, dict(eqn.params))))
                 continue
-            if prim in _KINDS and self.layer(eqn, ins, path, stack):
+            if prim in _KINDS and not any(cins) and self.layer(eqn, ins, path, stack):
                 continue
-            if prim in _CALLS or prim in _REMATS:
+            if prim in _CALLS or prim in _REMATS or prim in _SCANS:
                 sub, _ = _open(_sub(eqn))
-                inner = {v: x for v, x in zip(sub.invars, ins, strict=True) if x}
-                self.walk(sub, inner, (*path, 0), stack)
-                continue
-            if prim in _SCANS:
-                sub, _ = _open(eqn.params["jaxpr"])
-                n_consts, _ = _scan_split(eqn.params, len(eqn.invars))
-                inner = {
-                    v: x for v, x in zip(sub.invars[:n_consts], ins[:n_consts], strict=True) if x
-                }
-                for x in ins[n_consts:]:
-                    if x:
-                        self.other_use(x[0], "scan (as a carry or a scanned input)")
-                self.walk(sub, inner, (*path, 0), (*stack, int(eqn.params["length"])))
+                n = len(eqn.invars)
+                n_in = _scan_split(eqn.params, n)[0] if prim in _SCANS else n
+                pairs = list(zip(sub.invars[:n_in], range(n_in), strict=True))
+                inner = {v: ins[j] for v, j in pairs if ins[j]}
+                inner_c = {v: cins[j] for v, j in pairs if cins[j]}
+                for j in range(n_in, n):
+                    if ins[j]:
+                        self.other_use(ins[j][0], "scan (as a carry or a scanned input)")
+                    if ins[j] or cins[j]:
+                        leaves = {ins[j][0]} if ins[j] else cins[j][0]
+                        if len(eqn.invars[j].aval.shape) >= 2:
+                            self.undecomposable(leaves, "a lax.scan carry or scanned input")
+                inner_stack = (*stack, int(eqn.params["length"])) if prim in _SCANS else stack
+                self.walk(sub, inner, inner_c, (*path, 0), inner_stack)
                 continue
             for x in ins:
                 if x:
                     self.other_use(x[0], prim)
+            leaves_in = frozenset(
+                {x[0] for x in ins if x} | {leaf for x in cins if x for leaf in x[0]}
+            )
+            if prim in _KINDS:  # a weight that is not a leaf through layout operations
+                ops = sorted({x[1] for x in cins if x})
+                how = f" computed by {', '.join(ops)}" if ops else ""
+                self.undecomposable(leaves_in, f"{prim} (its weight operand{how})")
+                continue
+            if list(jcore.jaxprs_in_params(eqn.params)):
+                if any(
+                    len(v.aval.shape) >= 2
+                    for v, x, y in zip(eqn.invars, ins, cins, strict=True)
+                    if x or y
+                ):
+                    self.undecomposable(leaves_in, f"{prim}, which fgrad cannot see into")
+                continue
+            activations = [
+                v
+                for v, x, y in zip(eqn.invars, ins, cins, strict=True)
+                if not x and not y and not isinstance(v, jcore.Literal)
+            ]
+            if not activations:  # a function of parameters alone
+                op = next((y[1] for y in cins if y), prim)
+                for v in eqn.outvars:
+                    computed[v] = (leaves_in, op)
         for v in jaxpr.outvars:
             x = d(v)
             if x:
@@ -328,12 +370,17 @@ def analyse(fn: Callable, params: Any, *args: Any) -> tuple[Found, Any]:
     keys = [jax.tree_util.keystr(p) for p, _ in flat]
     finder = _Finder(keys)
     derived = {v: (i, ()) for i, v in enumerate(closed.jaxpr.invars[: len(keys)])}
-    finder.walk(closed.jaxpr, derived, (), ())
+    finder.walk(closed.jaxpr, derived, {}, (), ())
     layers = tuple(
         Layer(name=f"layer{i}", exclusive=r["leaf"] not in finder.other, **r)
         for i, r in enumerate(finder.raw)
     )
-    return Found(layers, {k: tuple(v) for k, v in finder.other.items()}), closed
+    for layer in layers:  # a layer weight also used elsewhere
+        if not layer.exclusive:
+            uses = ", ".join(finder.other[layer.leaf])
+            finder.undecomposable([layer.leaf], f"{uses} (besides a {layer.kind} layer)")
+    other = {k: tuple(v) for k, v in finder.other.items()}
+    return Found(layers, other, dict(finder.blocked)), closed
 
 
 def find_layers(fn: Callable, params: Any, *args: Any) -> tuple[Layer, ...]:
