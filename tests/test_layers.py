@@ -121,3 +121,20 @@ def test_recording_gives_inputs_and_output_gradients_in_one_pass(case):
         for l in found.layers:
             assert_tree_allclose(rec[l.name], values[l.input_tap])
             assert_tree_allclose(g_out[l.name], grads[l.output_tap])
+
+
+def test_undecomposable_names_the_operation():
+    p = {"w": jnp.ones((3, 2)), "v": jnp.ones((2, 2)), "b": jnp.zeros(2)}
+    x = jnp.ones((4, 3))
+
+    def f(p, x):
+        h = x @ (2.0 * p["w"]) + p["b"]  # w reaches its matmul through a mul
+        return jnp.sum(h @ p["v"]) + jnp.sum(p["v"] ** 2)  # v: a layer weight used again
+
+    found, _ = L.analyse(f, p, x)
+    keys = ["['b']", "['v']", "['w']"]  # leaf order
+    why = {keys[i]: s for i, s in found.undecomposable.items()}
+    assert set(why) == {"['v']", "['w']"}  # the bias is fine: its own gradient is cheap
+    assert "dot_general" in why["['w']"] and "mul" in why["['w']"]
+    assert "integer_pow" in why["['v']"] and "dense" in why["['v']"]
+    assert [(l.param, l.exclusive) for l in found.layers] == [("['v']", False)]
