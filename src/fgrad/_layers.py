@@ -41,7 +41,8 @@ of output-gradient rows), followed by the transpose of the layout chain. With th
 example axis inside ``a`` and ``g`` it gives the summed gradient; under ``jax.vmap``
 over examples, per-example gradients. `Layer.dense_factors(a, g)` gives the two
 matrices ``A (T, K)`` and ``G (T, N)`` of a dense layer with ``dW = Aᵀ G`` up to a
-permutation of its entries (``T`` the shared positions), the input of Gram-form norms.
+permutation of its entries (``T`` the shared positions), the input of Gram-form norms;
+`Layer.conv_factors` the same for a convolution from its input patches.
 """
 
 from __future__ import annotations
@@ -167,6 +168,41 @@ class Layer:
             g = jnp.transpose(g, perm)
         g2 = g.reshape(-1, n_out)
         return a2, g2
+
+    def conv_factors(self, a: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+        """``(A, G)`` of shapes ``(P, C·k)`` and ``(P, O)`` for a convolution, from its
+        input patches (``P`` output positions, leading scan axes included), with ``Aᵀ G``
+        a permutation of the kernel's gradient; None for a grouped convolution."""
+        if self.kind != "conv":
+            raise ValueError(f"Layer.conv_factors: {self.name} is a {self.kind} layer.")
+        p = self.params
+        if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+            return None
+        dn = p["dimension_numbers"]
+        _, rhs_spec, out_spec = dn
+        extra = a.ndim - len(self.input.shape)
+        window = tuple(self.weight.shape[d] for d in rhs_spec[2:])
+
+        def patches(x):
+            return jax.lax.conv_general_dilated_patches(
+                x,
+                window,
+                p["window_strides"],
+                p["padding"],
+                p["lhs_dilation"],
+                p["rhs_dilation"],
+                dn,
+                precision=jax.lax.Precision.HIGHEST,  # an exact copy of the input
+            )
+
+        for _ in range(extra):
+            patches = jax.vmap(patches)
+
+        def rows(x):
+            x = jnp.moveaxis(x, extra + out_spec[1], -1)
+            return x.reshape(-1, x.shape[-1])
+
+        return rows(patches(a)), rows(g)
 
     def embed_rows(self, ids: jax.Array) -> jax.Array | None:
         """For a row-lookup embedding (``W[ids]`` / ``jnp.take(W, ids, axis=0)``): the row
