@@ -65,6 +65,9 @@ def test_finds_every_layer_with_its_leaf_kind_and_scan_stack(case):
     other = {names[i]: uses for i, uses in found.other_uses.items()}
     assert other == {"['b']": ("add",), "['scale']": ("mul",)}
     assert all(l.exclusive for l in found.layers)
+    # the tied projection h @ emb.T: h's last axis is contracted, its position axis shared
+    assert found.layers[3].input_axes == ((1,), (0,))
+    assert found.layers[3].dimension_numbers == (((1,), (0,)), ((), ()))
     assert found.layers[0].embed_rows(jnp.array([[1], [9]])).tolist() == [
         1,
         6,

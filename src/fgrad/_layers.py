@@ -25,6 +25,11 @@ handed to a ``custom_jvp`` function or ``lax.cond``, returned as an output...) i
 *other use*, reported by `analyse` with the primitive's name; a layer whose leaf has
 other uses has ``exclusive=False``.
 
+API: `find_layers` (or `analyse`, which also reports other uses and undecomposable
+leaves) and `tap_layers`; `recording` and `output_zeros` give the inputs and output
+gradients in one forward and one backward pass without the tap machinery (what
+`fgrad.per_example` uses).
+
 `tap_layers` re-evaluates ``fn`` with `fgrad.tap` applied at each layer's input
 (``layer.input_tap``) and output (``layer.output_tap``), so the tap machinery
 (`fgrad.intermediates`, `fgrad.grad_intermediates`, `fgrad.vjp_intermediates`) delivers
@@ -113,6 +118,20 @@ class Layer:
     def output_tap(self) -> str:
         return f"fgrad.layers/{self.name}/output"
 
+    @property
+    def dimension_numbers(self) -> Any:
+        """The equation's ``dimension_numbers`` (dot_general: ``((lhs_contract,
+        rhs_contract), (lhs_batch, rhs_batch))``; conv: ``ConvDimensionNumbers``; gather:
+        ``GatherDimensionNumbers``)."""
+        return self.params["dimension_numbers"]
+
+    @property
+    def input_axes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """For a dense layer: the input's ``(contracted, shared)`` axes (one hit's shape);
+        the shared axes (sequence positions, ...) are summed over in the weight gradient."""
+        contracted, free = self._dense_axes()
+        return tuple(contracted), tuple(free)
+
     def apply(self, a: jax.Array, w: jax.Array) -> jax.Array:
         """The layer's operation on input ``a`` and weight operand ``w`` (one hit)."""
         ops = (w, a) if self.weight_operand == 0 else (a, w)
@@ -139,6 +158,8 @@ class Layer:
 
     def _dense_axes(self) -> tuple[list[int], list[int]]:
         """(contracted, free) axes of the input operand of a dense layer."""
+        if self.kind != "dense":
+            raise ValueError(f"Layer.input_axes: {self.name} is a {self.kind} layer.")
         (lc, rc), _ = self.params["dimension_numbers"]
         contracted = list(rc if self.weight_operand == 0 else lc)
         free = [d for d in range(len(self.input.shape)) if d not in contracted]
