@@ -141,3 +141,21 @@ def test_undecomposable_names_the_operation():
     assert "dot_general" in why["['w']"] and "mul" in why["['w']"]
     assert "integer_pow" in why["['v']"] and "dense" in why["['v']"]
     assert [(l.param, l.exclusive) for l in found.layers] == [("['v']", False)]
+
+
+def test_a_leaf_stacked_over_scan_steps_is_sliced_per_step():
+    """flax.linen.scan's layout: w (L, K, N) scanned over, step l uses w[l]."""
+
+    def f(p, x):
+        step = lambda h, w: (jnp.tanh(h @ w), None)
+        return jnp.sum(jax.lax.scan(step, x, p["w"])[0] ** 2)
+
+    p, x = {"w": jnp.ones((3, 2, 2)) * 0.3}, jnp.array([[1.0, -2.0]])
+    found, _ = L.analyse(f, p, x)
+    (layer,) = found.layers
+    assert (layer.sliced, layer.stack, found.undecomposable) == (True, (3,), {})
+    tapped = L.tap_layers(f, found.layers)
+    g = fgrad.grad_intermediates(tapped)(p, x)[layer.output_tap]
+    a = fgrad.intermediates(tapped)(p, x)[1][layer.input_tap]
+    dw = jax.vmap(lambda a, g: layer.weight_grad(a, g, p["w"]))(a, g)
+    assert_tree_allclose(dw, jax.grad(f)(p, x)["w"])

@@ -93,6 +93,10 @@ class Layer:
       stack: the lengths of the enclosing ``lax.scan``s, outermost first: the taps stack
         one value per step on leading axes of these sizes.
       exclusive: whether every use of the leaf is a layer (no other use).
+      sliced: whether the leaf is stacked over the steps of the (one) enclosing
+        ``lax.scan`` (``flax.linen.scan``'s parameters): step ``l`` uses ``leaf[l]``
+        (through ``chain``), so the leaf's gradient stacks the steps' gradients instead
+        of summing them.
     """
 
     kind: str
@@ -108,6 +112,7 @@ class Layer:
     weight: jax.ShapeDtypeStruct
     stack: tuple[int, ...]
     exclusive: bool = True
+    sliced: bool = False
     primitive: Any = dataclasses.field(default=None, repr=False)
 
     @property
@@ -145,7 +150,8 @@ class Layer:
 
     def weight_grad(self, a: jax.Array, g: jax.Array, leaf: jax.Array | None = None) -> jax.Array:
         """The gradient with respect to the weight leaf (leaf layout) from one hit's input
-        ``a`` and output gradient ``g`` (no scan axes: vmap over them)."""
+        ``a`` and output gradient ``g`` (no scan axes: vmap over them); for a ``sliced``
+        layer, with respect to the step's slice ``leaf[l]``."""
         w = jnp.zeros(self.weight.shape, self.weight.dtype)
         _, pull = jax.vjp(lambda w_: self.apply(a, w_), w)
         (dw,) = pull(g.astype(self.output.dtype))
@@ -153,7 +159,8 @@ class Layer:
             return dw
         if leaf is None:
             raise ValueError("Layer.weight_grad: pass the leaf (for its shape) with a chain.")
-        _, pull_chain = jax.vjp(self.weight_from_leaf, jnp.zeros(leaf.shape, leaf.dtype))
+        shape = leaf.shape[1:] if self.sliced else leaf.shape  # one step's slice
+        _, pull_chain = jax.vjp(self.weight_from_leaf, jnp.zeros(shape, leaf.dtype))
         return pull_chain(dw)[0]
 
     def _dense_axes(self) -> tuple[list[int], list[int]]:
@@ -325,8 +332,9 @@ class _Finder:
             if not any(ins) and not any(cins):
                 continue
             if ins[0] and _is_layout(eqn) and not any(ins[1:]) and not any(cins):
-                leaf, chain = ins[0]
-                derived[eqn.outvars[0]] = (leaf, (*chain, (eqn.primitive, dict(eqn.params))))
+                leaf, chain, sliced = ins[0]
+                chain = (*chain, (eqn.primitive, dict(eqn.params)))
+                derived[eqn.outvars[0]] = (leaf, chain, sliced)
                 continue
             if prim in _KINDS and not any(cins) and self.layer(eqn, ins, path, stack):
                 continue
@@ -337,7 +345,13 @@ class _Finder:
                 pairs = list(zip(sub.invars[:n_in], range(n_in), strict=True))
                 inner = {v: ins[j] for v, j in pairs if ins[j]}
                 inner_c = {v: cins[j] for v, j in pairs if cins[j]}
+                first_xs = n_in + _scan_split(eqn.params, n)[1] if prim in _SCANS else n
                 for j in range(n_in, n):
+                    if j >= first_xs and ins[j] and not ins[j][1] and ins[j][2] is None:
+                        # a leaf stacked over the scan's steps (flax.linen.scan's params):
+                        # each step uses its own slice
+                        inner[sub.invars[j]] = (ins[j][0], (), len(stack))
+                        continue
                     if ins[j]:
                         self.other_use(ins[j][0], "scan (as a carry or a scanned input)")
                     if ins[j] or cins[j]:
@@ -397,7 +411,12 @@ class _Finder:
             if not ins[0] or ins[1]:
                 return False
             w_op = 0
-        leaf, chain = ins[w_op]
+        leaf, chain, sliced = ins[w_op]
+        if sliced is not None and len(stack) != 1:
+            self.undecomposable(
+                [leaf], f"{prim} (its weight is a slice of a stacked leaf inside nested lax.scans)"
+            )
+            return True
         a, w, z = eqn.invars[1 - w_op], eqn.invars[w_op], eqn.outvars[0]
         sds = lambda v: jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
         self.raw.append(
@@ -413,6 +432,7 @@ class _Finder:
                 output=sds(z),
                 weight=sds(w),
                 stack=tuple(stack),
+                sliced=sliced is not None,
                 primitive=eqn.primitive,
             )
         )
@@ -426,7 +446,7 @@ def analyse(fn: Callable, params: Any, *args: Any) -> tuple[Found, Any]:
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     keys = [jax.tree_util.keystr(p) for p, _ in flat]
     finder = _Finder(keys)
-    derived = {v: (i, ()) for i, v in enumerate(closed.jaxpr.invars[: len(keys)])}
+    derived = {v: (i, (), None) for i, v in enumerate(closed.jaxpr.invars[: len(keys)])}
     finder.walk(closed.jaxpr, derived, {}, (), ())
     layers = tuple(
         Layer(name=f"layer{i}", exclusive=r["leaf"] not in finder.other, **r)
