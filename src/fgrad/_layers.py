@@ -251,10 +251,11 @@ class Layer:
             return None
         rows = ids[..., 0]
         v = self.weight.shape[0]
-        mode = str(self.params.get("mode"))
-        if "FILL_OR_DROP" in mode:
-            return jnp.where((rows >= 0) & (rows < v), rows, -1)
-        return jnp.clip(rows, 0, v - 1)
+        if "CLIP" in str(self.params.get("mode")):
+            return jnp.clip(rows, 0, v - 1)
+        # FILL_OR_DROP, and PROMISE_IN_BOUNDS, whose gradient (a scatter) drops an
+        # out-of-bounds row although the lookup itself clamps it
+        return jnp.where((rows >= 0) & (rows < v), rows, -1)
 
 
 @dataclasses.dataclass(frozen=True)
