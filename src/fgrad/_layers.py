@@ -316,8 +316,9 @@ class _Finder:
             self.blocked.setdefault(leaf, why)
 
     def walk(self, jaxpr, derived: dict, computed: dict, prefix: Path, stack) -> None:
-        """``derived``: var -> (leaf, layout chain); ``computed``: var -> (leaves, op) for
-        values computed from parameters alone by other operations."""
+        """``derived``: var -> (leaf, layout chain, the index in ``stack`` of the scan whose
+        steps slice the leaf or None); ``computed``: var -> (leaves, op) for values
+        computed from parameters alone by other operations."""
 
         def d(v):
             return None if isinstance(v, jcore.Literal) else derived.get(v)
