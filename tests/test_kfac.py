@@ -320,6 +320,19 @@ def test_bench_builders_agree_on_small_workloads():
                 ):
                     ref = ref.numpy()
                     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+            # one sampled label per example: fgrad and the hand-written JAX draw the same
+            # labels; curvlinops draws its own, so only its input factors compare
+            (f1, a1), (f2, a2) = (b("x", w) for b in ops.JAX["kfac_factors_mc"].values())
+            (ka, kg), (ja, jg) = f1(*a1), f2(*a2)
+            mc_t = ops.TORCH["kfac_factors_mc"]["curvlinops"]("curvlinops", w, "cpu")
+            mc_t()
+            ta = mc_t.__self__._input_covariances.values()
+            assert ops.APPLIES["kfac_factors_mc"](w)
+            for i, (name, a_t) in enumerate(zip(ja, ta, strict=True)):
+                tol = 1e-4 * float(np.abs(jg[name]).max())
+                np.testing.assert_allclose(kg[2 * i], jg[name], atol=tol)
+                for got in (ka[2 * i], ja[name]):
+                    np.testing.assert_allclose(got, a_t.numpy(), atol=1e-4 * float(a_t.abs().max()))
 
 
 def test_kfac_of_a_flax_model_equals_curvlinops():

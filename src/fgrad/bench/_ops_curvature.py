@@ -1,6 +1,8 @@
 """Benchmark builders for the GGN and K-FAC operations (bench_contract.md): ``ggn_vp`` (one
-GGN-vector product of the cross-entropy loss) and ``kfac_factors`` (the Kronecker factors
-of every dense and convolution layer, K-FAC of the GGN, "expand"), each through fgrad,
+GGN-vector product of the cross-entropy loss), ``kfac_factors`` (the Kronecker factors
+of every dense and convolution layer, K-FAC of the GGN, "expand": one backward pass per
+class) and ``kfac_factors_mc`` (the same with one sampled label per example: one backward
+pass, curvlinops' default), each through fgrad,
 written by hand in JAX, and through curvlinops in PyTorch (``torch.func`` by hand for
 ``ggn_vp``). The tables at the end are wired into the registry by the lead."""
 
@@ -67,20 +69,38 @@ def ggn_vp_jax(impl: str, w: Workload) -> tuple[Callable, tuple]:
 # --- kfac_factors ----------------------------------------------------------------------------
 
 
-def kfac_fgrad(impl: str, w: Workload) -> tuple[Callable, tuple]:
-    del impl
+def _kfac_fgrad(w: Workload, fisher: str) -> tuple[Callable, tuple]:
     import fgrad
 
     params, batch = _jax_data(w)
     fwd = jax_forward(w)
     model = lambda p, x: fwd(p, x, _identity)
     loss = fgrad.curvature.cross_entropy
+    key = jax.random.key(0)
 
     def f(p, b):
-        k = fgrad.curvature.kfac(model, loss, p, b["x"], b["y"])
+        k = fgrad.curvature.kfac(model, loss, p, b["x"], b["y"], fisher=fisher, key=key)
         return k.a, k.g
 
     return jax.jit(f), (params, batch)
+
+
+def kfac_fgrad(impl: str, w: Workload) -> tuple[Callable, tuple]:
+    del impl
+    return _kfac_fgrad(w, "ggn")
+
+
+def kfac_mc_fgrad(impl: str, w: Workload) -> tuple[Callable, tuple]:
+    del impl
+    return _kfac_fgrad(w, "mc")
+
+
+def _sampled_grad(o):
+    """One label per example drawn from softmax(o) (the key fgrad's sampler uses) and the
+    loss gradient at it, ``softmax - onehot``: ``(1, N, C)``."""
+    k0 = jax.random.split(jax.random.key(0), 1)[0]
+    y = jax.random.categorical(k0, o, axis=-1)
+    return (jax.nn.softmax(o) - jax.nn.one_hot(y, o.shape[-1], dtype=o.dtype))[None]
 
 
 def _softmax_sqrt(o):
@@ -90,10 +110,12 @@ def _softmax_sqrt(o):
     return jnp.moveaxis(s, 2, 0)
 
 
-def kfac_jax(impl: str, w: Workload) -> tuple[Callable, tuple]:
+def kfac_jax(impl: str, w: Workload, columns: Callable | None = None) -> tuple[Callable, tuple]:
     """K-FAC factors written by hand: the forward pass rewritten with explicit
-    perturbations at each layer output, inputs recorded, one VJP per output column."""
+    perturbations at each layer output, inputs recorded, one VJP per output column
+    (``columns(outputs)``: the loss Hessian's square-root columns by default)."""
     del impl
+    columns = _softmax_sqrt if columns is None else columns
     if w.kind not in ("mlp", "cnn"):
         raise Unsupported("hand-written K-FAC factors for the MLP and the CNN only")
     params, batch = _jax_data(w)
@@ -141,7 +163,7 @@ def kfac_jax(impl: str, w: Workload) -> tuple[Callable, tuple]:
         eps = _zeros_eps(p, x, forward, names)
         out, pull, ins = jax.vjp(lambda e: forward(p, e, x), eps, has_aux=True)
         n = out.shape[0]
-        grads = jax.vmap(lambda c: pull(c)[0])(_softmax_sqrt(out))
+        grads = jax.vmap(lambda c: pull(c)[0])(columns(out))
         a_f, g_f = {}, {}
         for nm in names:
             a2 = rows(nm, ins[nm], p)
@@ -151,6 +173,10 @@ def kfac_jax(impl: str, w: Workload) -> tuple[Callable, tuple]:
         return a_f, g_f
 
     return jax.jit(f), (params, batch)
+
+
+def kfac_mc_jax(impl: str, w: Workload) -> tuple[Callable, tuple]:
+    return kfac_jax(impl, w, _sampled_grad)
 
 
 def _zeros_eps(p, x, forward, names):
@@ -256,8 +282,7 @@ def ggn_vp_torch_func(impl: str, w: Workload, device: str) -> Callable[[], Any]:
     return run
 
 
-def kfac_curvlinops(impl: str, w: Workload, device: str) -> Callable[[], Any]:
-    del impl
+def _kfac_curvlinops(w: Workload, device: str, fisher_type: str) -> Callable[[], Any]:
     import torch
     from curvlinops import KFACLinearOperator
 
@@ -271,20 +296,33 @@ def kfac_curvlinops(impl: str, w: Workload, device: str) -> Callable[[], Any]:
         list(module.parameters()),
         [(x, y)],
         check_deterministic=False,
-        fisher_type="type-2",
+        fisher_type=fisher_type,
     )
     return op.compute_kronecker_factors
+
+
+def kfac_curvlinops(impl: str, w: Workload, device: str) -> Callable[[], Any]:
+    del impl
+    return _kfac_curvlinops(w, device, "type-2")
+
+
+def kfac_mc_curvlinops(impl: str, w: Workload, device: str) -> Callable[[], Any]:
+    del impl
+    return _kfac_curvlinops(w, device, "mc")
 
 
 JAX = {
     "ggn_vp": {"fgrad": ggn_vp_fgrad, "jax": ggn_vp_jax},
     "kfac_factors": {"fgrad": kfac_fgrad, "jax": kfac_jax},
+    "kfac_factors_mc": {"fgrad": kfac_mc_fgrad, "jax": kfac_mc_jax},
 }
 TORCH = {
     "ggn_vp": {"curvlinops": ggn_vp_curvlinops, "torch.func": ggn_vp_torch_func},
     "kfac_factors": {"curvlinops": kfac_curvlinops},
+    "kfac_factors_mc": {"curvlinops": kfac_mc_curvlinops},
 }
 APPLIES = {
     "ggn_vp": lambda w: w.kind in ("mlp", "cnn", "transformer"),
     "kfac_factors": lambda w: w.kind in ("mlp", "cnn", "transformer"),
+    "kfac_factors_mc": lambda w: w.kind in ("mlp", "cnn", "transformer"),
 }
