@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fgrad import _checks
-from fgrad._hessian import flat_hvp
+from fgrad._ggn import flat_operator
 from fgrad._typing import PyTree
 
 
@@ -40,13 +40,22 @@ class _Op(NamedTuple):
         return self.dtype if self.out_dtype is None else self.out_dtype
 
 
-def _operator(f: Callable, params: Any, batch: Any, caller: str) -> _Op:
-    """The Hessian as a flat operator. ``f`` always sees the parameters as given; with
-    half-precision parameters (bfloat16, float16) the estimator's own linear algebra runs in
-    float32 (QR and eigh have no bfloat16 kernels, and Lanczos loses orthogonality at 8
-    bits), each HVP taking and giving the parameters' dtype; results come back in it."""
+def _operator(
+    f: Callable,
+    params: Any,
+    batch: Any,
+    caller: str,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
+    key: Any = None,
+) -> _Op:
+    """The curvature operator (the Hessian, the GGN or a Fisher) as a flat operator. ``f``
+    always sees the parameters as given; with half-precision parameters (bfloat16,
+    float16) the estimator's own linear algebra runs in float32 (QR and eigh have no
+    bfloat16 kernels, and Lanczos loses orthogonality at 8 bits), each product taking and
+    giving the parameters' dtype; results come back in it."""
     _checks.require_float_tree(params, caller, "params")
-    matvec, flat, unravel = flat_hvp(f, params, batch, caller)
+    matvec, flat, unravel = flat_operator(operator, f, params, batch, loss_fn, key, caller)
     if flat.size == 0:
         raise ValueError(f"{caller}: params has no entries.")
     given = flat.dtype
@@ -93,6 +102,8 @@ def hessian_diagonal(
     key: Any = None,
     samples: int = 100,
     chunk_size: int | None = None,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
 ) -> Any:
     """The diagonal of the Hessian of ``f(params, *batch)``, shaped like ``params``.
 
@@ -109,6 +120,11 @@ def hessian_diagonal(
         ``None``, takes at most 256 at a time, so memory does not grow with the square of
         the parameter count; raise it for speed when memory allows, lower it if the
         HVPs of one chunk do not fit.
+      operator: the curvature: ``"hessian"`` of ``f``; or, with ``f = model_fn(params,
+        x)``, ``loss_fn=`` and the batch ``(x, y)``, the GGN (``"ggn"``, `ggn_vp`), the
+        empirical Fisher (``"fisher"``) or the Monte Carlo Fisher (``"fisher_mc"``: one
+        draw from ``key``, fixed for every product; see `fisher_vp`).
+      loss_fn: ``loss_fn(outputs, y) -> scalar`` (operators other than the Hessian).
 
     Returns:
       ``"exact"``: the diagonal as a pytree like ``params``. ``"hutchinson"``: an
@@ -122,7 +138,7 @@ def hessian_diagonal(
       {'w': Array([0., 2., 8.], dtype=float32)}
     """
     caller = "fgrad.curvature.hessian_diagonal"
-    op = _operator(f, params, batch, caller)
+    op = _operator(f, params, batch, caller, operator, loss_fn, key)
     if method == "exact":
         if chunk_size is not None:
             _checks.positive_int(chunk_size, "chunk_size", caller)
@@ -158,6 +174,8 @@ def hessian_trace(
     key: Any = None,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     samples: int = 99,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
 ) -> Estimate:
     """A stochastic estimate of the trace of the Hessian of ``f(params, *batch)``.
 
@@ -171,6 +189,11 @@ def hessian_trace(
         spectrum exactly from a sketch and applies Hutchinson only to the rest, so its
         error falls as 1/samples instead of 1/sqrt(samples).
       samples: the number of Hessian-vector products (for Hutch++, split in three).
+      operator: the curvature: ``"hessian"`` of ``f``; or, with ``f = model_fn(params,
+        x)``, ``loss_fn=`` and the batch ``(x, y)``, the GGN (``"ggn"``, `ggn_vp`), the
+        empirical Fisher (``"fisher"``) or the Monte Carlo Fisher (``"fisher_mc"``: one
+        draw from ``key``, fixed for every product; see `fisher_vp`).
+      loss_fn: ``loss_fn(outputs, y) -> scalar`` (operators other than the Hessian).
 
     Returns:
       An `Estimate` ``(value, stderr)``.
@@ -186,7 +209,7 @@ def hessian_trace(
     caller = "fgrad.curvature.hessian_trace"
     _require_key(key, caller)
     samples = _checks.positive_int(samples, "samples", caller)
-    op = _operator(f, params, batch, caller)
+    op = _operator(f, params, batch, caller, operator, loss_fn, key)
     apply = jax.vmap(op.matvec, in_axes=1, out_axes=1)  # H @ (n, k)
     if method == "hutchinson":
         z = _rademacher(key, (op.n, samples), op.dtype)
@@ -272,6 +295,8 @@ def hessian_eigenvalues(
     which: Literal["largest", "smallest"] = "largest",
     iterations: int | None = None,
     return_vectors: bool = False,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
 ) -> Eigen:
     """The k largest (or smallest) eigenvalues of the Hessian, by Lanczos.
 
@@ -290,6 +315,11 @@ def hessian_eigenvalues(
       iterations: Krylov dimension, ``k <= iterations <= n``; default
         ``min(n, max(2k + 20, 40))``.
       return_vectors: also return the eigenvectors (as parameter-shaped pytrees).
+      operator: the curvature: ``"hessian"`` of ``f``; or, with ``f = model_fn(params,
+        x)``, ``loss_fn=`` and the batch ``(x, y)``, the GGN (``"ggn"``, `ggn_vp`), the
+        empirical Fisher (``"fisher"``) or the Monte Carlo Fisher (``"fisher_mc"``: one
+        draw from ``key``, fixed for every product; see `fisher_vp`).
+      loss_fn: ``loss_fn(outputs, y) -> scalar`` (operators other than the Hessian).
 
     Returns:
       An `Eigen` ``(values, vectors)``; ``values`` has shape ``(k,)``.
@@ -304,7 +334,7 @@ def hessian_eigenvalues(
     """
     caller = "fgrad.curvature.hessian_eigenvalues"
     _require_key(key, caller)
-    op = _operator(f, params, batch, caller)
+    op = _operator(f, params, batch, caller, operator, loss_fn, key)
     k = _checks.positive_int(k, "k", caller)
     if k > op.n:
         raise ValueError(
@@ -362,6 +392,8 @@ def hessian_spectrum(
     runs: int = 8,
     grid_size: int = 512,
     sigma: float | None = None,
+    operator: str = "hessian",
+    loss_fn: Callable | None = None,
 ) -> Spectrum:
     """The Hessian's eigenvalue density, by stochastic Lanczos quadrature (SLQ).
 
@@ -380,6 +412,11 @@ def hessian_spectrum(
       grid_size: points of the returned density grid.
       sigma: Gaussian smoothing width, a positive number; default (``None``) 1% of the
         spectral range.
+      operator: the curvature: ``"hessian"`` of ``f``; or, with ``f = model_fn(params,
+        x)``, ``loss_fn=`` and the batch ``(x, y)``, the GGN (``"ggn"``, `ggn_vp`), the
+        empirical Fisher (``"fisher"``) or the Monte Carlo Fisher (``"fisher_mc"``: one
+        draw from ``key``, fixed for every product; see `fisher_vp`).
+      loss_fn: ``loss_fn(outputs, y) -> scalar`` (operators other than the Hessian).
 
     Returns:
       A `Spectrum`.
@@ -395,7 +432,7 @@ def hessian_spectrum(
     """
     caller = "fgrad.curvature.hessian_spectrum"
     _require_key(key, caller)
-    op = _operator(f, params, batch, caller)
+    op = _operator(f, params, batch, caller, operator, loss_fn, key)
     runs = _checks.positive_int(runs, "runs", caller)
     grid_size = _checks.positive_int(grid_size, "grid_size", caller)
     m = _checks.positive_int(iterations, "iterations", caller)

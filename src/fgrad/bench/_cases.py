@@ -19,6 +19,7 @@ OP_MODULES = (
     "fgrad.bench._torch_ops",
     "fgrad.bench._ops_hooks",
     "fgrad.bench._ops_per_example",
+    "fgrad.bench._ops_curvature",
 )
 
 # The large suite (sized for a GPU) times fewer operations, on its own workloads only: the
