@@ -28,24 +28,6 @@ from fgrad._typing import PyTree
 Count = Callable[[Any], Any] | None
 
 
-def _batch_size(batch: Any, caller: str) -> int:
-    leaves = jax.tree_util.tree_leaves_with_path(batch)
-    if not leaves:
-        raise ValueError(f"{caller}: the batch is empty; pass arrays with a leading batch axis.")
-    sizes: dict[str, Any] = {
-        jax.tree_util.keystr(p): (jnp.shape(x)[0] if jnp.ndim(x) else None) for p, x in leaves
-    }
-    if None in sizes.values():
-        where = next(k for k, v in sizes.items() if v is None)
-        raise ValueError(f"{caller}: batch{where} is a scalar; every leaf needs a batch axis.")
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
-            f"{caller}: every leaf of the batch must have the same leading (batch) size, got "
-            f"{sizes}."
-        )
-    return next(iter(sizes.values()))
-
-
 def _wider(a: Any, b: Any) -> Any:
     """The dtype both ``a`` and ``b`` fit in. Asked under standard promotion: choosing an
     accumulator dtype is not an implicit promotion of values, so a caller's strict
@@ -179,7 +161,7 @@ def accumulate(
         raise ValueError(f"{caller}: split must be 'strided' or 'contiguous', got {split!r}.")
     scan_unroll, rewrite_convs = _loop_plan(unroll, caller)
     grads = prepare_grads(params, grads, caller)
-    n = _batch_size(batch, caller)
+    n = _checks.batch_size(batch, caller)
     k, m, r = _plan(n, microbatches, microbatch_size, caller)
     acc_dt = lambda leaf: leaf.dtype if accum_dtype is None else _wider(leaf.dtype, accum_dtype)
 

@@ -197,3 +197,28 @@ def real_number(value: Any, name: str, caller: str) -> None:
         )
     ):
         raise TypeError(f"{caller}: {name} must be a real number, got {value!r}.")
+
+
+def batch_size(batch: Any, caller: str) -> int:
+    """The leading (example) size shared by every leaf of ``batch``; a ValueError naming
+    the leaf where one is a scalar or the sizes differ, or where the batch is empty."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise ValueError(f"{caller}: the batch is empty; pass arrays with a leading batch axis.")
+    sizes: dict[str, int | None] = {
+        jax.tree_util.keystr(p): (jnp.shape(x)[0] if jnp.ndim(x) else None) for p, x in leaves
+    }
+    for where, size in sizes.items():
+        if size is None:
+            raise ValueError(
+                f"{caller}: batch{where} is a scalar; every batch leaf needs a leading batch "
+                "axis (pass constants through a closure instead)."
+            )
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"{caller}: every leaf of the batch must have the same leading (batch) size, got "
+            f"{sizes}."
+        )
+    size = next(iter(sizes.values()))
+    assert size is not None  # scalars were refused above
+    return size

@@ -49,7 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fgrad import _layers
+from fgrad import _checks, _layers
 from fgrad._grads import Trainable, trainable_mask
 
 _METHODS = ("auto", "ghost", "vmap")
@@ -64,27 +64,6 @@ CLIP_EPS = 1e-6
 def _check_method(method: Any, caller: str) -> None:
     if method not in _METHODS:
         raise ValueError(f"{caller}: method must be one of {_METHODS}, got {method!r}.")
-
-
-def _batch_size(batch: Any, caller: str) -> int:
-    leaves = jax.tree_util.tree_leaves_with_path(batch)
-    if not leaves:
-        raise ValueError(f"{caller}: the batch is empty; pass arrays with a leading example axis.")
-    sizes = {jax.tree_util.keystr(p): (jnp.shape(x)[0] if jnp.ndim(x) else None) for p, x in leaves}
-    for where, size in sizes.items():
-        if size is None:
-            raise ValueError(
-                f"{caller}: batch{where} is a scalar; every batch leaf needs a leading example "
-                "axis (pass constants through a closure instead)."
-            )
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
-            f"{caller}: every leaf of the batch must have the same leading (example) size, "
-            f"got {sizes}."
-        )
-    size = next(iter(sizes.values()))
-    assert size is not None  # scalars were refused above
-    return size
 
 
 def _check_losses(loss_fn, params, batch, n: int, caller: str) -> None:
@@ -165,7 +144,7 @@ def _undecomposable(found: _layers.Found, train, keys) -> dict[str, str]:
 
 
 def _run_pass(loss_fn, params, batch, method: str, trainable: Trainable, caller: str) -> _Pass:
-    n = _batch_size(batch, caller)
+    n = _checks.batch_size(batch, caller)
     _check_losses(loss_fn, params, batch, n, caller)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = tuple(jax.tree_util.keystr(p) for p, _ in flat)
@@ -469,9 +448,8 @@ def _microbatched(fn, batch, microbatches: int | None, caller: str, *, reduce: b
     (``reduce=True``), or ``fn`` returns ``(sums, per_example)`` (``reduce="first"``)."""
     if microbatches is None:
         return fn(batch)
-    n = _batch_size(batch, caller)
-    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
-        raise ValueError(f"{caller}: microbatches must be a positive int, got {microbatches!r}.")
+    n = _checks.batch_size(batch, caller)
+    _checks.positive_int(microbatches, "microbatches", caller)
     if n % microbatches:
         raise ValueError(
             f"{caller}: a batch of {n} cannot be split into {microbatches} equal micro-batches; "
@@ -685,7 +663,7 @@ def clipped_grad(
     noisy = isinstance(noise_multiplier, jax.Array) or noise_multiplier > 0
     if noisy and key is None:
         raise ValueError(f"{caller}: noise_multiplier > 0 needs a PRNG key: pass key=.")
-    n = _batch_size(batch, caller)
+    n = _checks.batch_size(batch, caller)
     meta: dict[str, Any] = {}
 
     def fn(b):
@@ -761,7 +739,7 @@ def moments(
     """
     caller = "fgrad.per_example.moments"
     _check_method(method, caller)
-    n = _batch_size(batch, caller)
+    n = _checks.batch_size(batch, caller)
     meta: dict[str, Any] = {}
 
     def fn(b):
