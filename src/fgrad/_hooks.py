@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from fgrad import _trace
+from fgrad._globs import match as glob_match
 from fgrad._tap import is_tap
 
 _CALLER = "fgrad.with_hooks"
@@ -39,18 +39,9 @@ Hooks = Mapping[str, Any] | None
 # Patterns
 
 
-@functools.lru_cache(maxsize=512)
-def _glob_regex(pattern: str) -> re.Pattern:
-    """``*`` matches within one path segment (not ``/``), ``**`` across segments and
-    ``?`` one character other than ``/``; everything else matches itself."""
-    parts = re.split(r"(\*\*|\*|\?)", pattern)
-    table = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
-    return re.compile("".join(table.get(p, re.escape(p)) for p in parts) + r"\Z")
-
-
 def matches(name: str, pattern: str) -> bool:
     """Whether tap ``name`` is chosen by ``pattern`` (its exact name, or a glob)."""
-    return name == pattern or _glob_regex(pattern).match(name) is not None
+    return name == pattern or glob_match(name, pattern)
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,8 +354,10 @@ def with_hooks(fn: Callable, *, forward: Hooks = None, backward: Hooks = None) -
       backward: ``{pattern: hook}`` with ``hook(g) -> g'``, or ``hook(g, value=...)``;
         or an array to replace the gradient with.
 
-    Patterns are tap names or globs: ``*`` matches within one ``/``-separated segment,
-    ``**`` across segments, ``?`` one character. Each pattern must match a tap.
+    Patterns are tap names or globs, as `fgrad.tap_linen` reads module paths: ``*``
+    matches within one ``/``-separated segment, ``**`` across segments, ``?`` one
+    character, ``[seq]`` a character class, and a lone ``"*"`` every tap. Each pattern
+    must match a tap.
 
     Returns:
       A function with ``fn``'s positional arguments and output.

@@ -19,7 +19,6 @@ With ``inputs=``, chosen submodules also have their inputs tapped (PyTorch's
 from __future__ import annotations
 
 import functools
-import re
 import threading
 from collections.abc import Callable, Sequence
 
@@ -30,6 +29,7 @@ from flax import linen as nn
 from flax import nnx
 
 from fgrad import _trace
+from fgrad._globs import match as glob_match
 from fgrad._tap import tap
 from fgrad._typing import P, R
 
@@ -66,50 +66,12 @@ def _patterns(paths: Paths, caller: str) -> list[str]:
     return list(pats)
 
 
-@functools.lru_cache(maxsize=256)
-def _glob(pattern: str) -> re.Pattern:
-    """A path glob as a regex: ``*`` and ``?`` stop at ``/``, ``**`` crosses it."""
-    if pattern == "*":  # every submodule, at any depth: tap_linen/tap_nnx's default
-        return re.compile(r".+")
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append(r"(?:.*/)?")  # zero or more whole path segments
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(r".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append(r"[^/]*")
-        elif c == "?":
-            out.append(r"[^/]")
-        elif c == "[" and pattern.find("]", i + 2) != -1:
-            j = pattern.find("]", i + 2)
-            body = pattern[i + 1 : j]
-            if body.startswith("!"):
-                body = "^" + body[1:]
-            out.append("[" + body.replace("\\", "\\\\") + "]")
-            i = j + 1
-            continue
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out))
-
-
-def _match(path: str, pattern: str) -> bool:
-    return _glob(pattern).fullmatch(path) is not None
-
-
 def _matches(path: str, patterns: Sequence[str]) -> bool:
-    return any(_match(path, p) for p in patterns)
+    return any(glob_match(path, p) for p in patterns)
 
 
 def _check_all_matched(patterns, seen: Sequence[str], caller: str) -> None:
-    missing = [p for p in patterns if not any(_match(s, p) for s in seen)]
+    missing = [p for p in patterns if not any(glob_match(s, p) for s in seen)]
     if missing:
         listed = ", ".join(repr(s) for s in dict.fromkeys(seen)) or "none"
         hint = ""
@@ -362,7 +324,7 @@ def tap_nnx(
             _names.inputs_by_id = inputs_by_id
             if ran is not None:  # an enclosing tap_nnx saw these run too
                 ran |= ran_here
-        never = [p for p in patterns if not any(_match(r, p) for r in ran_here)]
+        never = [p for p in patterns if not any(glob_match(r, p) for r in ran_here)]
         if never:
             raise ValueError(
                 f"{caller}: no submodule matching {never[0]!r} ran while the function was "
