@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import fgrad
-from fgrad._accumulate import _loop_plan
 from fgrad._conv_layout import canonical_convs
 from helpers import assert_tree_allclose, from_torch
 
@@ -72,10 +71,7 @@ def conv_labels(compiled_text):
     return re.findall(r"dim_labels=([^,\s]+)", compiled_text)
 
 
-def test_auto_plan_per_backend():
-    assert _loop_plan("auto", "f") == (1, jax.default_backend() == "cpu")
-    assert _loop_plan(2, "f") == (2, False)
-    assert _loop_plan(True, "f") == (True, False)
+def test_unroll_values_refused():
     for bad in ("yes", 0, -1, 1.5):
         with pytest.raises(ValueError, match=r"fgrad\.accumulate: unroll must be"):
             fgrad.accumulate(jax_loss, {}, {"x": jnp.ones((2, 1))}, microbatches=1, unroll=bad)
