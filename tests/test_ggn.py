@@ -260,6 +260,23 @@ def test_ggn_equals_hessian_for_a_model_linear_in_its_parameters():
         np.testing.assert_allclose(_flat(gv), _flat(hv), rtol=1e-10, atol=1e-12)
 
 
+def test_a_loss_with_negative_output_curvature_keeps_it():
+    """J^T H_L J exactly when H_L has a negative eigenvalue (no clipping): for a model
+    linear in its parameters it is the Hessian, and so are the exact diagonal and K-FAC
+    of one example (K-FAC is exact for one layer and one example)."""
+    with jax.enable_x64(True):
+        w = jnp.array([[1.0, 2.0], [0.5, -1.0]])
+        x, y = jnp.array([[1.0, 2.0]]), jnp.zeros((1, 2))
+        loss = lambda o, y: jnp.mean(o[:, 0] ** 2 - 0.5 * o[:, 1] ** 2)  # H_L = diag(1, -½)·…
+        model = lambda w, x: x @ w
+        h = jax.hessian(lambda w: loss(model(w, x), y))(w).reshape(4, 4)
+        diag = curvature.ggn_diagonal(model, loss, w, x, y)
+        np.testing.assert_allclose(diag.ravel(), jnp.diag(h), rtol=1e-12, atol=1e-12)
+        assert float(diag.min()) < 0
+        k = curvature.kfac(model, loss, w, x, y)
+        np.testing.assert_allclose(k.dense(), h, rtol=1e-12, atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def mlp_problem():
     with jax.enable_x64(True):

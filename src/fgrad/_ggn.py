@@ -448,14 +448,16 @@ def fisher_vp(
 # --- diagonals -----------------------------------------------------------------------------
 
 
-def _loss_sqrt(loss_fn: Callable, o: jax.Array, t: Any) -> jax.Array:
-    """A symmetric square root ``S`` (``(D, D)``) of one example's loss Hessian in output
-    space, ``S Sᵀ = ∇²ℓ``, its negative eigenvalues clipped (a loss convex in its outputs
-    has none)."""
+def _loss_sqrt(loss_fn: Callable, o: jax.Array, t: Any) -> tuple[jax.Array, jax.Array]:
+    """``(S, s)``: one example's loss Hessian in output space as ``∇²ℓ = S diag(s) Sᵀ``,
+    ``S`` (``(D, D)``) its eigenvectors scaled by ``√|eigenvalue|`` and ``s`` the
+    eigenvalues' signs (all ``+1`` or ``0`` for a loss convex in its outputs, such as
+    cross-entropy and mean-squared error; kept, not clipped, for any other loss, so the
+    GGN stays exactly ``Jᵀ ∇²ℓ J``)."""
     flat, unravel = ravel_pytree(o)
     h = jax.hessian(lambda f: _per_example(loss_fn)(unravel(f), t))(flat)
     w, u = jnp.linalg.eigh(h)
-    return u * jnp.sqrt(jnp.maximum(w, 0))
+    return u * jnp.sqrt(jnp.abs(w)), jnp.sign(w)
 
 
 def ggn_diagonal(
@@ -526,8 +528,8 @@ def ggn_diagonal(
             lin = _Linearized(model_fn, params, jax.tree.map(lambda a: a[None], xn), caller)
             on = lin.out[0]
             if method == "exact":
-                cols = _loss_sqrt(loss_fn, on, yn).T  # (D, D): rows are columns of S
-                cols = cols.reshape(cols.shape[0], *on.shape)
+                root, signs = _loss_sqrt(loss_fn, on, yn)
+                cols = root.T.reshape(root.shape[1], *on.shape)  # rows: the columns of S
             else:
                 draw = _sampler(loss_fn, sampler, caller)
                 t = jax.vmap(lambda k: draw(k, jax.lax.stop_gradient(lin.out)))(
@@ -535,8 +537,9 @@ def ggn_diagonal(
                 )
                 cols = jax.vmap(lambda ts: jax.grad(_per_example(loss_fn))(on, ts[0]))(t)
                 cols = cols / jnp.sqrt(jnp.asarray(samples, cols.dtype))
+                signs = jnp.ones(cols.shape[0], cols.dtype)
             sq = jax.vmap(lambda c: jax.tree.map(jnp.square, lin.vjp(c[None])))(cols)
-            return jax.tree.map(lambda a: jnp.sum(a, axis=0), sq)
+            return jax.tree.map(lambda a: jnp.tensordot(signs.astype(a.dtype), a, axes=1), sq)
 
         n = jax.tree.leaves(xb)[0].shape[0]
         kb = (

@@ -252,16 +252,23 @@ def _rows(layer: _layers.Layer, a: jax.Array, g: jax.Array, n: int, caller: str)
     return a2.reshape(n, -1, a2.shape[-1]), g2.reshape(g2.shape[0], n, -1, g2.shape[-1])
 
 
-def _factors(a_rows, g_rows, approx: str, samples: int):
+def _factors(a_rows, g_rows, approx: str, samples: int, signs=None):
+    """``(A, G)`` from input rows ``(n, T, K)`` and output-gradient rows ``(C, n, T, N)``;
+    ``signs`` ``(C, n)`` weights each column's contribution to ``G`` (the signs of the loss
+    Hessian's eigenvalues; None: all +1)."""
     n = a_rows.shape[0]
+    w = None if signs is None else signs.astype(g_rows.dtype)
     if approx == "expand":
         t = a_rows.shape[1]
         a2 = a_rows.reshape(-1, a_rows.shape[-1])
         g2 = g_rows.reshape(-1, g_rows.shape[-1])
-        return a2.T @ a2 / (n * t), g2.T @ g2 / (n * samples)
+        gw = g2 if w is None else (g_rows * w[:, :, None, None]).reshape(g2.shape)
+        return a2.T @ a2 / (n * t), gw.T @ g2 / (n * samples)
     am = jnp.mean(a_rows, axis=1)
-    gs = jnp.sum(g_rows, axis=2).reshape(-1, g_rows.shape[-1])
-    return am.T @ am / n, gs.T @ gs / (n * samples)
+    gs3 = jnp.sum(g_rows, axis=2)  # (C, n, N)
+    gs = gs3.reshape(-1, g_rows.shape[-1])
+    gw = gs if w is None else (gs3 * w[:, :, None]).reshape(gs.shape)
+    return am.T @ am / n, gw.T @ gs / (n * samples)
 
 
 def _bias_leaf(layer, keys, shapes, n_out) -> int | None:
@@ -402,9 +409,11 @@ def kfac(
         zeros = _layers.output_zeros(chosen)
         out, pull, inputs = jax.vjp(lambda pt: rec(pt, params, xb), zeros, has_aux=True)
         _check_batch(loss_fn, out, yb, caller)
+        signs = None
         if fisher == "ggn":
-            sq = jax.vmap(lambda o, t: _loss_sqrt(loss_fn, o, t))(out, yb)  # (n, D, D)
+            sq, sg = jax.vmap(lambda o, t: _loss_sqrt(loss_fn, o, t))(out, yb)  # (n, D, D)
             cols = jnp.moveaxis(sq, 2, 0).reshape(sq.shape[2], *out.shape)
+            signs = jnp.moveaxis(sg, 1, 0)  # (D, n): +1 for a loss convex in its outputs
             norm = 1
         else:
             kb = key if i is None or key is None else jax.random.fold_in(key, i)
@@ -414,7 +423,7 @@ def kfac(
         result = []
         for layer in chosen:
             a_rows, g_rows = _rows(layer, inputs[layer.name], grads[layer.name], n, caller)
-            result.append(_factors(a_rows, g_rows, approx, norm))
+            result.append(_factors(a_rows, g_rows, approx, norm, signs))
         return result
 
     chosen, others = plan(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x))
