@@ -184,17 +184,18 @@ def _select(
     shapes: dict[str, tuple[jax.ShapeDtypeStruct, ...]] = {}
     live_keys: set[str] = set()
     # Code traced only for its effects (Flax's nn.scan traces a parameter-only submodule
-    # once more, its result unused) taps values that may be live, parameters above all: a
-    # hit whose result is discarded does not count beside hits of the name whose results
-    # are used.
+    # once more, its result unused) taps values that are live, parameters above all. A hit
+    # whose result is discarded does not count when it taps the same value as a hit of the
+    # name whose result is used; a statement-form tap of another value still counts.
     several = [h for n in chosen if len(by_name[n]) > 1 for h in by_name[n] if reaches[h.path]]
     used = dict(
         zip((h.path for h in several), _trace.results_reach(traced, inputs, several), strict=True)
     )
+    roots = dict(zip((h.path for h in several), _trace.tapped_roots(traced, several), strict=True))
     for n in chosen:
         hs = [h for h in by_name[n] if reaches[h.path]]
-        if any(used.get(h.path, False) for h in hs):
-            hs = [h for h in hs if used.get(h.path, True)]
+        used_roots = {roots[h.path] for h in hs if used.get(h.path, False)}
+        hs = [h for h in hs if used.get(h.path, True) or roots.get(h.path) not in used_roots]
         if not hs:  # every hit is dead code
             if for_grad:
                 hs = by_name[n][:1]  # an unused tap: reported as the rules below say

@@ -859,3 +859,42 @@ def results_reach(traced: Traced, inputs: Sequence[Any], hits: Sequence[Hit]) ->
         out.append(any(used[i : i + len(z)]))
         i += len(z)
     return out
+
+
+def tapped_roots(traced: Traced, hits: Sequence[Hit]) -> list[tuple]:
+    """For each hit: the variables it taps, each traced back through taps (identities) and
+    into sub-programs to the variable of the outermost program it is (a sub-program's input
+    that is the same value on every run of it: a call's operand, a scan's constant, a cond's
+    operand). Two hits with equal roots tap the same value."""
+    roots: dict[Path, tuple] = {}
+    wanted = {h.path for h in hits}
+
+    def walk(jaxpr, prefix: Path, env: dict) -> None:
+        root = lambda v: env.get(v, v) if isinstance(v, jcore.Var) else object()
+        for i, eqn in enumerate(jaxpr.eqns):
+            path = (*prefix, i)
+            if is_tap(eqn):
+                rs = tuple(root(v) for v in eqn.invars)
+                if path in wanted:
+                    roots[path] = rs
+                env.update(zip(eqn.outvars, rs, strict=True))
+                continue
+            prim = eqn.primitive.name
+            ops = [root(v) for v in eqn.invars]
+            ins: list[Any] | None = None  # operands that reach the sub-program as they are
+            if prim in _SCANS:
+                n_consts = len(_scan_operands(eqn.params, eqn.invars)[0])
+                ins = ops[:n_consts] + [object() for _ in ops[n_consts:]]
+            elif prim in _CONDS:
+                ins = ops[1:]
+            elif prim in _CALLS or prim in _REMATS:
+                ins = ops
+            for j, sub in enumerate(_sub_jaxprs(eqn.params)):
+                inner, _ = _as_open(sub)
+                sub_env: dict = {}
+                if ins is not None and len(ins) == len(inner.invars):
+                    sub_env = dict(zip(inner.invars, ins, strict=True))
+                walk(inner, (*path, j), sub_env)
+
+    walk(traced.jaxpr.jaxpr, (), {})
+    return [roots[h.path] for h in hits]
