@@ -58,7 +58,14 @@ def _tap_jet(primals, series, *, name, tree):
 
 
 def _tap_batch(args, dims, *, name, tree):
-    return tap_p.bind(*args, name=name, tree=tree), list(dims)
+    # The batch axis goes first, so a tap under jax.vmap inside the transformed function
+    # reports its values stacked as vmap returns them, not in the layout batching chose.
+    mapped = [isinstance(d, int) for d in dims]  # an unmapped leaf has no int batch axis
+    args = [
+        jax.numpy.moveaxis(x, d, 0) if m else x for x, d, m in zip(args, dims, mapped, strict=True)
+    ]
+    dims = [0 if m else d for d, m in zip(dims, mapped, strict=True)]
+    return tap_p.bind(*args, name=name, tree=tree), dims
 
 
 tap_p.def_impl(_tap_impl)
