@@ -53,3 +53,51 @@ def test_tap_under_vmap_inside_fn_is_stacked_as_vmap_returns_it():
         jax.vmap(lambda xi: fgrad.tap("h", jnp.tanh(w @ xi)), in_axes=1)(xt) * C42
     )
     np.testing.assert_allclose(fgrad.grad_intermediates(f_t)(W23, X43.T)["h"], C42)
+
+
+def _abc(x):
+    a = fgrad.tap("a", jnp.sin(x))
+    b = fgrad.tap("b", jnp.cos(x))
+    return jnp.sum(a) + jnp.sum(jax.lax.stop_gradient(b))
+
+
+def test_materialize_grads_implies_allow_unused():
+    with pytest.raises(ValueError, match=r"fgrad\.grad_intermediates: materialize_grads=True"):
+        fgrad.grad_intermediates(_abc, "b", allow_unused=False, materialize_grads=True)
+    with pytest.raises(ValueError, match=r"fgrad\.vjp_intermediates: materialize_grads=True"):
+        fgrad.vjp_intermediates(_abc, allow_unused=False, materialize_grads=True)
+    # names=None: every tap, zeros for the unused one (d sum(sin x)/d a = 1, b unused)
+    got = fgrad.grad_intermediates(_abc, materialize_grads=True)(X2)
+    assert sorted(got) == ["a", "b"]
+    np.testing.assert_array_equal(got["a"], jnp.ones(2))
+    np.testing.assert_array_equal(got["b"], jnp.zeros(2))
+    assert sorted(fgrad.grad_intermediates(_abc)(X2)) == ["a"]  # default: used taps only
+
+
+def test_has_aux_error_describes_the_users_output():
+    with pytest.raises(TypeError, match=r"returned an array of shape \(\) and dtype float32"):
+        fgrad.grad_intermediates(lambda x: jnp.sum(fgrad.tap("h", x)), has_aux=True)(X2)
+    with pytest.raises(TypeError, match="returned a tuple of length 3"):
+        fgrad.grad_intermediates(lambda x: (jnp.sum(x), x, x), has_aux=True)(X2)
+
+
+def test_python_numbers_in_aux_come_back_as_python_numbers():
+    def f(w, x):
+        return jnp.sum(fgrad.tap("h", w * x) ** 2), {"n": 3, "s": 1.5, "ok": True}
+
+    w = jnp.array(2.0)
+    (_, ref_aux), _ = jax.value_and_grad(f, has_aux=True)(w, X2)
+    (_, aux), grads = fgrad.value_and_grad_intermediates(f, has_aux=True)(w, X2)
+    assert aux == ref_aux == {"n": 3, "s": 1.5, "ok": True}
+    assert [type(aux[k]) for k in ("n", "s", "ok")] == [int, float, bool]
+    np.testing.assert_allclose(grads["h"], 2 * w * X2, rtol=1e-6)
+    _, aux2 = fgrad.grad_intermediates(f, has_aux=True)(w, X2)
+    assert type(aux2["n"]) is int
+
+
+def test_vjp_pullback_names_a_wrong_cotangent_dtype():
+    out, pb = fgrad.vjp_intermediates(lambda x: fgrad.tap("h", x) * 2)(X2)
+    for ct, dt in ((jnp.ones(2, jnp.int32), "int32"), (jnp.ones(2, jnp.complex64), "complex64")):
+        with pytest.raises(TypeError, match=f"fgrad.vjp_intermediates: .*dtype {dt}"):
+            pb(ct)
+    np.testing.assert_array_equal(pb(jnp.ones_like(out))["h"], 2 * jnp.ones(2))

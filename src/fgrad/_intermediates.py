@@ -85,6 +85,12 @@ def _check_flags(caller: str, on_repeat: Any, allow_unused: Any, materialize_gra
             f"{caller}: materialize_grads must be True or False, got {materialize_grads!r} "
             f"({type(materialize_grads).__name__})."
         )
+    if materialize_grads and allow_unused is False:
+        raise ValueError(
+            f"{caller}: materialize_grads=True gives zeros for unused taps, so it implies "
+            "allow_unused=True (as torch.autograd.grad says: allow_unused must be True or "
+            "not passed when materialize_grads=True); got allow_unused=False."
+        )
 
 
 def _check_names(names: Names, known: Sequence[str], caller: str) -> list[str]:
@@ -209,7 +215,9 @@ def _select(
     unused = [k for k in trees if k not in live_keys]
     if for_grad and unused:
         allow = req.allow_unused
-        if req.names is None and allow is None:  # names=None: the taps the output uses
+        if req.names is None and allow is None and not req.materialize_grads:
+            # names=None: the taps the output uses (all of them, zeros for the unused
+            # ones, with materialize_grads=True)
             for k in unused:
                 del trees[k], shapes[k]
             unused = []
@@ -234,6 +242,21 @@ def _out_mask(traced: _trace.Traced, has_aux: bool, caller: str) -> list[bool]:
     if not has_aux:
         return [True] * n + state
     idx = jax.tree.unflatten(traced.out_tree, list(range(n)))
+    if not (isinstance(idx, (tuple, list)) and len(idx) == 2):
+        avals = traced.jaxpr.out_avals[:n]
+        returned = jax.tree.unflatten(
+            traced.out_tree, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+        )
+        what = (
+            f"a {type(returned).__name__} of length {len(returned)}"
+            if isinstance(returned, (tuple, list))
+            else _checks.describe(returned)
+        )
+        raise TypeError(
+            f"{caller}: with has_aux=True the function must return a pair (output, aux), "
+            f"but it returned {what}. Return (output, aux), or drop "
+            "has_aux=True."
+        )
     y, _ = _checks.split_aux(idx, caller)
     chosen = set(jax.tree.leaves(y))
     return [i in chosen for i in range(n)] + state
@@ -248,6 +271,7 @@ def _intermediates_values(fn: Callable, req: _Request) -> Callable:
         sel = _select(traced, inputs, req, for_grad=False, differentiated=mask)
         outs, rec = _trace.run(traced.jaxpr.jaxpr, traced.jaxpr.consts, inputs, sel.plan, {})
         outs, state = traced.split_outputs(outs)
+        outs = traced.restore_python_outs(outs, [True] * len(outs))
         traced.write_back(args, kwargs, state)
         assert rec is not None  # recorded: run's record=True
         return jax.tree.unflatten(traced.out_tree, outs), sel.unflatten(rec)
@@ -330,6 +354,7 @@ def _vjp(fn, req: _Request, args, kwargs, *, has_aux, argnums):
             record=False,  # the gradient needs the perturbations only
         )
         outs, state = traced.split_outputs(outs)
+        outs = traced.restore_python_outs(outs, [not d for d in mask[: len(outs)]])
         out = jax.tree.unflatten(traced.out_tree, outs)
         if has_aux:
             y, aux = _checks.split_aux(out, caller)
@@ -358,6 +383,27 @@ def _vjp(fn, req: _Request, args, kwargs, *, has_aux, argnums):
     return out, pull, aux
 
 
+def _check_cotangent_dtypes(out: Any, ct: Any, caller: str) -> None:
+    """A cotangent leaf of a floating output leaf must be floating (complex only for a
+    complex output leaf)."""
+    paths = jax.tree_util.tree_leaves_with_path(ct)
+    for (path, c), o in zip(paths, jax.tree.leaves(out), strict=True):
+        c_dtype, o_dtype = jnp.result_type(c), jnp.result_type(o)
+        if not jnp.issubdtype(o_dtype, jnp.inexact):
+            continue  # an integer output: JAX's own rule (a float0 cotangent)
+        ok = jnp.issubdtype(c_dtype, jnp.inexact) and (
+            jnp.issubdtype(o_dtype, jnp.complexfloating)
+            or not jnp.issubdtype(c_dtype, jnp.complexfloating)
+        )
+        if not ok:
+            where = jax.tree_util.keystr(path) or ""
+            raise TypeError(
+                f"{caller}: the pullback's cotangent{where} has dtype {c_dtype}, but the "
+                f"output{where} it pairs with has dtype {o_dtype}: give a cotangent of dtype "
+                f"{o_dtype} (e.g. jnp.ones_like(out){where})."
+            )
+
+
 def _nnx_integer_leaves(tree: Any) -> list[bool]:
     """Per leaf of ``tree``: whether it is a non-float leaf inside an nnx module."""
     import sys
@@ -384,7 +430,9 @@ _UNUSED_DOC = """allow_unused: what to do with a requested tap the output does n
         for taps named in ``names`` (PyTorch's default) and leaves unused taps out of the
         result when ``names`` is ``None``.
       materialize_grads: give zeros instead of ``None`` for unused taps (implies
-        ``allow_unused=True``, as in PyTorch)."""
+        ``allow_unused=True``, as in PyTorch, so ``allow_unused=False`` with it is an
+        error); with ``names=None`` every floating-point tap is returned, zeros for
+        the unused ones."""
 
 
 def _value_and_grad(fn: Callable, req: _Request, has_aux: bool, argnums) -> Callable:
@@ -586,6 +634,7 @@ def vjp_intermediates(
                     f"function's output, {_checks.describe_tree(out)}, but cotangent{diff} "
                     f"(given: {_checks.describe_tree(ct)})."
                 )
+            _check_cotangent_dtypes(out, ct, caller)
             return pull(ct)
 
         return (out, pullback, aux) if has_aux else (out, pullback)

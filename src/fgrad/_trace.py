@@ -103,11 +103,22 @@ class Traced:
     # Variables of closed-over nnx models (tap_nnx(..., model=m)) whose values the call
     # changed: their new values are the last n_closed of the state outputs.
     closed: tuple[Any, ...] = ()
+    # fn's output leaves that are Python numbers (a count in the aux): index -> value, so
+    # they come back as Python numbers, as jax.value_and_grad returns them.
+    python_outs: Mapping[int, Any] = dataclasses.field(default_factory=dict)
 
     def split_outputs(self, outs: Sequence[Any]) -> tuple[list, list]:
         """``fn``'s output leaves and the arguments' leaves after the call."""
         n = len(outs) - self.n_state
         return list(outs[:n]), list(outs[n:])
+
+    def restore_python_outs(self, outs: Sequence[Any], where: Sequence[bool]) -> list:
+        """``fn``'s output leaves with the Python numbers it returned put back at the
+        leaves marked in ``where`` (tracing made them arrays)."""
+        return [
+            self.python_outs[i] if w and i in self.python_outs else x
+            for i, (x, w) in enumerate(zip(outs, where, strict=True))
+        ]
 
     def write_back(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None, state) -> None:
         """Updates the nnx modules among ``(args, kwargs)`` to their state after the call,
@@ -213,6 +224,7 @@ def trace(
 
     stateful = _has_nnx_module((args, kwargs))
     updates: list[tuple[Any, Any]] = []
+    python_outs: dict[int, Any] = {}
 
     def flat_fn(*traced_leaves):
         it = iter(traced_leaves)
@@ -224,6 +236,11 @@ def trace(
             out = fn(*a, **k)
         finally:
             stack.pop()
+        python_outs.update(
+            (i, x)
+            for i, x in enumerate(jax.tree.leaves(out))
+            if isinstance(x, (bool, int, float, complex))
+        )
         state = []
         if stateful:
             after = jax.tree.leaves((a, k))
@@ -235,7 +252,9 @@ def trace(
     out_tree = jax.tree.structure(out_shape)
     hits = tuple(find_hits(closed.jaxpr))
     closed_vars = tuple(var for var, _ in updates)
-    return Traced(closed, out_tree, hits, in_tree, dynamic, len(state_shape), closed_vars)
+    return Traced(
+        closed, out_tree, hits, in_tree, dynamic, len(state_shape), closed_vars, python_outs
+    )
 
 
 # While `trace` runs fn: where tap_nnx reports the new values of a closed-over model's
