@@ -101,3 +101,52 @@ def test_vjp_pullback_names_a_wrong_cotangent_dtype():
         with pytest.raises(TypeError, match=f"fgrad.vjp_intermediates: .*dtype {dt}"):
             pb(ct)
     np.testing.assert_array_equal(pb(jnp.ones_like(out))["h"], 2 * jnp.ones(2))
+
+
+# --- taps inside shard_map sharded along a non-leading axis ------------------------------
+
+W34 = jnp.arange(12.0).reshape(3, 4) / 10
+X83 = jnp.arange(24.0).reshape(8, 3) / 10
+SCALE = jnp.arange(4.0)[:, None]
+
+
+def _mesh():
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices("cpu")), ("d",))
+
+
+def test_shard_map_taps_join_blocks_along_the_sharded_axis():
+    from jax.sharding import PartitionSpec as P
+
+    mesh = _mesh()
+
+    def body(w, x):  # batch on axis 0 of x, on axis 1 of the tapped hT
+        ht = fgrad.tap("hT", jnp.tanh(x @ w).T)
+        return jax.lax.psum(jnp.sum(ht**2 * SCALE), "d")
+
+    def body2(w, xt):  # batch on axis 1 of the input itself
+        return jax.lax.psum(jnp.sum(fgrad.tap("h", jnp.tanh(w.T @ xt)) ** 2 * SCALE), "d")
+
+    s1 = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("d")), out_specs=P())
+    s2 = jax.shard_map(body2, mesh=mesh, in_specs=(P(), P(None, "d")), out_specs=P())
+    ht = jnp.tanh(X83 @ W34).T  # (4, 8): the plain values, and 2 ht * SCALE their gradient
+    for f, name, xin in ((s1, "hT", X83), (s2, "h", X83.T)):
+        g = jax.jit(fgrad.grad_intermediates(f))(W34, xin)[name]
+        np.testing.assert_allclose(g, 2 * ht * SCALE, rtol=1e-5)
+        np.testing.assert_allclose(fgrad.intermediates(f)(W34, xin)[1][name], ht, rtol=1e-5)
+
+
+def test_shard_map_tap_with_an_unfollowed_layout_is_refused():
+    from jax.sharding import PartitionSpec as P
+
+    def body(x):  # a reshape: fgrad does not follow the sharded axis through it
+        return jax.lax.psum(jnp.sum(fgrad.tap("r", x.reshape(1, -1)) ** 2), "d")
+
+    f = jax.shard_map(body, mesh=_mesh(), in_specs=P(None, "d"), out_specs=P())
+    with pytest.raises(
+        ValueError, match=r"^fgrad\.grad_intermediates: tap 'r' cannot be served: .*which of"
+    ):
+        fgrad.grad_intermediates(f)(X83.T)
+    with pytest.raises(ValueError, match=r"^fgrad\.intermediates: tap 'r' .*local value"):
+        fgrad.intermediates(f)(X83.T)

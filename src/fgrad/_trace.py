@@ -307,6 +307,7 @@ class _Shard:
 
     sizes: Mapping[str, int]
     depth: int
+    layout: Mapping[Any, Any] = dataclasses.field(default_factory=dict)  # see _layout
 
 
 def _varying(aval) -> frozenset | None:
@@ -319,14 +320,16 @@ def _varying(aval) -> frozenset | None:
     return None if vma is None else frozenset(vma)
 
 
-def _global_leaf(aval, shard: _Shard, sizes_order) -> tuple[tuple[int, ...] | None, str | None]:
+def _global_leaf(var, shard: _Shard) -> tuple[tuple[int, ...] | None, str | None]:
     """The global shape of a tapped leaf inside shard_map: per-device blocks joined along
-    their first axis over the axes it varies along, or the local shape where it does not
-    vary. Returns (shape, None) or (None, why it cannot be served)."""
+    the axis that carries the shard_map's sharding (followed from its in_specs), or the
+    local shape where it does not vary. Returns (shape, None) or (None, why it cannot be
+    served)."""
+    aval = var.aval
     varying = _varying(aval)
     if varying is None:
         return None, "a shard_map whose values' per-device layout this JAX does not record"
-    axes = [a for a in sizes_order if a in varying]
+    axes = [a for a in shard.sizes if a in varying]
     if not axes:
         return tuple(aval.shape), None
     if not aval.shape:
@@ -335,18 +338,145 @@ def _global_leaf(aval, shard: _Shard, sizes_order) -> tuple[tuple[int, ...] | No
             f"{', '.join(axes)}), so it has no global array to report. Tap an array with a "
             "leading (batch) axis, or the value after lax.psum"
         )
+    where = shard.layout.get(var)
+    if where is None or set(where[1]) != set(axes):
+        return None, (
+            f"a shard_map, where its local value (shape {tuple(aval.shape)}) differs per "
+            f"device along mesh axes {axes}, but fgrad cannot tell which of its axes those "
+            "devices' blocks are joined along (it follows the sharded axis of the "
+            "shard_map's in_specs through elementwise operations, dot_general, transpose, "
+            "broadcast_in_dim and reductions only). Tap the value outside the shard_map, "
+            "or tap a value computed from the inputs by those operations"
+        )
+    k, mesh_axes = where
     n = 1
-    for a in axes:
+    for a in mesh_axes:
         n *= shard.sizes[a]
-    return (aval.shape[0] * n, *aval.shape[1:]), None
+    shape = list(aval.shape)
+    shape[k] *= n
+    return tuple(shape), None
 
 
-def _spec(aval, mesh_axes) -> Any:
+def _spec(var, layout: Mapping[Any, Any]) -> Any:
     """The PartitionSpec of a tapped leaf inside shard_map, as `_global_leaf` joins it."""
     from jax.sharding import PartitionSpec
 
-    axes = tuple(a for a in mesh_axes if a in (_varying(aval) or ()))
-    return PartitionSpec(axes) if axes else PartitionSpec()
+    if not _varying(var.aval):
+        return PartitionSpec()
+    if var not in layout:  # `_global_leaf` blocks such a tap: never served
+        raise ValueError("fgrad: a tap inside shard_map whose layout is unknown was planned.")
+    k, mesh_axes = layout[var]
+    return PartitionSpec(*([None] * k), mesh_axes)
+
+
+# Primitives that act elementwise: the output's axes are its operands' axes.
+_ELEMENTWISE = frozenset(
+    "abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type "
+    "copy copy_p cos cosh div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow "
+    "is_finite le lgamma digamma log log1p logistic lt max min mul ne neg nextafter not or pow "
+    "real reduce_precision rem round rsqrt select_n sign sin sinh sqrt square sub tan tanh xor "
+    "stop_gradient optimization_barrier".split()
+)
+_REDUCES = frozenset(
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin".split()
+)
+
+
+_CONFLICT = ("conflict",)
+
+
+def _layout(jaxpr, in_layouts: Sequence[Any], out: dict) -> list:
+    """Per variable of a shard_map body (sub-programs included, into ``out``): which of
+    its axes holds the per-device blocks, ``(axis, mesh_axes)``, or None (replicated, or
+    not followed). ``in_layouts`` gives the body inputs' layouts (from the in_specs)."""
+    env: dict = {}
+
+    def put(v, lay):
+        if lay is None or not isinstance(v, jcore.Var):
+            return
+        env[v] = lay
+        # a sub-program shared by several call sites: a variable with two layouts has none
+        out[v] = lay if out.get(v, lay) == lay else _CONFLICT
+
+    def get(v) -> Any:
+        return env.get(v) if isinstance(v, jcore.Var) else None
+
+    for v, lay in zip(jaxpr.invars, in_layouts, strict=True):
+        put(v, lay)
+    for eqn in jaxpr.eqns:
+        ins: list[Any] = [get(v) for v in eqn.invars]
+        known = [x for x in ins if x is not None]
+        prim, params = eqn.primitive.name, eqn.params
+        outs: list = [None] * len(eqn.outvars)
+        subs = _sub_jaxprs(params)
+        if not known:
+            pass
+        elif is_tap(eqn):
+            outs = ins
+        elif prim in _ELEMENTWISE and len(set(known)) == 1:
+            shapes = {tuple(v.aval.shape) for v in eqn.invars if get(v) is not None}
+            if {tuple(o.aval.shape) for o in eqn.outvars} == shapes:
+                outs = [known[0]] * len(outs)
+        elif prim == "transpose":
+            k, ax = ins[0]
+            outs = [(list(params["permutation"]).index(k), ax)]
+        elif prim == "broadcast_in_dim":
+            k, ax = ins[0]
+            outs = [(params["broadcast_dimensions"][k], ax)]
+        elif prim in _REDUCES:
+            k, ax = ins[0]
+            red = params["axes"]
+            if k not in red:
+                outs = [(k - sum(1 for a in red if a < k), ax)] * len(outs)
+        elif prim == "dot_general" and len(known) == 1:
+            (lc, rc), (lb, rb) = params["dimension_numbers"]
+            lhs, rhs = eqn.invars
+            n_l = len(lhs.aval.shape)
+            lfree = [d for d in range(n_l) if d not in lc and d not in lb]
+            rfree = [d for d in range(len(rhs.aval.shape)) if d not in rc and d not in rb]
+            if ins[0] is not None:
+                k, ax = ins[0]
+                pos = (
+                    list(lb).index(k)
+                    if k in lb
+                    else len(lb) + lfree.index(k)
+                    if k in lfree
+                    else None
+                )
+            else:
+                k, ax = ins[1]
+                pos = (
+                    list(rb).index(k)
+                    if k in rb
+                    else len(rb) + len(lfree) + rfree.index(k)
+                    if k in rfree
+                    else None
+                )
+            if pos is not None and not (k in lb or k in rb):  # batch dims: both sharded
+                outs = [(pos, ax)]
+        elif len(subs) == 1 and (prim in _CALLS or prim in _REMATS or "custom" in prim):
+            inner, _ = _as_open(subs[0])
+            if len(inner.invars) == len(ins) and len(inner.outvars) == len(outs):
+                outs = _layout(inner, ins, out)
+        for v, lay in zip(eqn.outvars, outs, strict=True):
+            put(v, lay)
+    return [get(v) for v in jaxpr.outvars]
+
+
+def _shard_layout(eqn) -> dict:
+    """`_layout` of a shard_map's body, from its in_specs."""
+    body, _ = _as_open(eqn.params["jaxpr"])
+    ins: list[Any] = []
+    for spec in eqn.params["in_specs"]:
+        entries = [(k, e) for k, e in enumerate(tuple(spec)) if e is not None and e != ()]
+        if len(entries) == 1:
+            k, e = entries[0]
+            ins.append((k, tuple(e) if isinstance(e, (tuple, list)) else (e,)))
+        else:
+            ins.append(None)  # replicated, or sharded along several axes: not followed
+    out: dict = {}
+    _layout(body, ins, out)
+    return {v: lay for v, lay in out.items() if lay is not _CONFLICT}
 
 
 def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict, shard=None):
@@ -364,7 +494,7 @@ def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict, shard=
                             "outside the scan, or move the scan outside the shard_map"
                         )
                     else:
-                        shape, why = _global_leaf(v.aval, shard, list(shard.sizes))
+                        shape, why = _global_leaf(v, shard)
                         local = shape or local
                 shapes.append(jax.ShapeDtypeStruct((*stack, *local), v.aval.dtype))
             hits.append(
@@ -390,7 +520,9 @@ def _collect(jaxpr, prefix: Path, stack, blocked, hits: list, memo: dict, shard=
                 inner_blocked = blocked or "a shard_map nested in another shard_map"
             mesh = eqn.params["mesh"]
             inner_shard = _Shard(
-                dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)), len(stack)
+                dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)),
+                len(stack),
+                _shard_layout(eqn),
             )
         else:
             inner_stack = stack
@@ -674,15 +806,15 @@ def _run_cond(eqn, invals, path, plan, perturb, record, sites):
     return jax.lax.switch(index, [branch(b) for b in range(len(branches))], ops, sub_perturb)
 
 
-def _tap_avals(jaxpr, plan: Plan) -> dict[str, list]:
-    """Per key of ``plan``: the avals of its tap's leaves, as the tap sees them."""
+def _tap_vars(jaxpr, plan: Plan) -> dict[str, list]:
+    """Per key of ``plan``: the variables its tap's leaves are, as the tap sees them."""
     out: dict[str, list] = {}
 
     def walk(j, prefix):
         for i, eqn in enumerate(j.eqns):
             path = (*prefix, i)
             if is_tap(eqn) and path in plan.keys:
-                out.setdefault(plan.keys[path], [v.aval for v in eqn.invars])
+                out.setdefault(plan.keys[path], list(eqn.invars))
             elif plan.enters(path):
                 for b, sub in enumerate(_sub_jaxprs(eqn.params)):
                     walk(_as_open(sub)[0], (*path, b))
@@ -693,21 +825,20 @@ def _tap_avals(jaxpr, plan: Plan) -> dict[str, list]:
 
 def _run_shard_map(eqn, invals, path, plan, perturb, record, sites):
     """shard_map with its body interpreted; perturbations enter, and recorded values
-    leave, as global arrays: per-device blocks joined along their first axis over the mesh
-    axes the tapped value varies along (the layout of a batch-sharded activation), or
-    replicated where it does not vary."""
+    leave, as global arrays: per-device blocks joined along the axis that carries the
+    sharding (`_layout`), or replicated where the tapped value does not vary."""
     params = eqn.params
     sub_prefix = (*path, 0)
     sub_plan = plan.within(sub_prefix)
     body, body_consts = _as_open(params["jaxpr"])
     rel = Plan({p[len(sub_prefix) :]: k for p, k in sub_plan.keys.items()})
-    avals = _tap_avals(body, rel)
-    mesh_axes = list(params["mesh"].axis_names)
+    avals = _tap_vars(body, rel)
+    layout = _shard_layout(eqn)
     keys = sorted(avals)
     p_keys = [k for k in keys if k in perturb]
     p_leaves = [x for k in p_keys for x in perturb[k]]
-    p_specs = [_spec(a, mesh_axes) for k in p_keys for a in avals[k]]
-    rec_specs = [_spec(a, mesh_axes) for k in keys for a in avals[k]] if record else []
+    p_specs = [_spec(v, layout) for k in p_keys for v in avals[k]]
+    rec_specs = [_spec(v, layout) for k in keys for v in avals[k]] if record else []
     n_in, n_out = len(invals), len(eqn.outvars)
 
     def f(*xs):
