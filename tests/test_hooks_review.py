@@ -144,3 +144,16 @@ def test_static_python_argument_and_keyword_arguments():
     g = lambda w, x: jnp.sum(jnp.sin(fgrad.tap("h", w * x)))
     kw = fgrad.with_hooks(g, forward={"h": lambda v: 2.0 * v})(w=1.0, x=X)
     np.testing.assert_allclose(kw, jnp.sum(jnp.sin(2.0 * X)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("c", [2.0, 2, np.float32(2.0)], ids=["float", "int", "np.float32"])
+def test_tap_of_a_python_literal(c):
+    """A tap of a literal: w * x * c with c hooked to 3c, or replaced by 6, gives
+    sum(6 w x) = 15 at w=1, x=[1, 2, -0.5]."""
+    x = jnp.array([1.0, 2.0, -0.5])
+    f = lambda w, x: jnp.sum(w * x * fgrad.tap("c", c))
+    assert float(fgrad.with_hooks(f, forward={"c": lambda v: v * 3})(1.0, x)) == 15.0
+    const = jnp.asarray(6, jnp.asarray(c).dtype)
+    assert float(fgrad.with_hooks(f, forward={"c": const})(1.0, x)) == 15.0
+    # jax.grad through the forward-hooked literal: d/dw sum(w x 3c) = 6 sum(x) = 15
+    assert float(jax.grad(fgrad.with_hooks(f, forward={"c": lambda v: v * 3}))(1.0, x)) == 15.0

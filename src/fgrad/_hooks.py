@@ -337,6 +337,12 @@ class _Site:
 
     def __call__(self, leaves, steps, bind):
         steps = tuple(steps)
+        # A tapped Python number reaches here as the jaxpr's literal: make it an array of
+        # the tap's dtype, so hooks see (and are checked against) an array like any other.
+        leaves = [
+            a if isinstance(a, jax.Array) else jnp.asarray(a, s.dtype)
+            for a, s in zip(leaves, self.hit.shapes, strict=True)
+        ]
         x = jax.tree.unflatten(self.hit.tree, list(leaves))
         for h in self.forward:
             x = _apply(h, x, self.hit, steps)
