@@ -533,3 +533,27 @@ def test_embedding_gram_with_out_of_range_ids(mode):
 
         got = pe.grad_norms(losses, p, batch, method="ghost")
         assert_tree_allclose(got, _reference(losses, p, batch)[1], **TOL)
+
+
+# --------------------------------------------------------------------------------------
+# Bad inputs a review found silently wrong
+
+
+_LSQ = lambda w, b: (b["x"] @ w - b["y"]) ** 2
+_W = jnp.array([2.0, 1.0])
+_B = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "y": jnp.array([1.0, 0.0])}
+
+
+def test_integer_loss_is_refused():
+    """An integer-valued loss has no gradient (jax.vmap(jax.grad) raises); it used to give
+    zeros."""
+    int_loss = lambda w, b: jnp.round(_LSQ(w, b)).astype(jnp.int32)
+    with pytest.raises(TypeError):
+        one = lambda w, ex: int_loss(w, jax.tree.map(lambda a: a[None], ex))[0]
+        jax.vmap(jax.grad(one), in_axes=(None, 0))(_W, _B)
+    for fn in (pe.grads, pe.grad_norms, pe.moments):
+        name = fn.__name__
+        with pytest.raises(TypeError, match=rf"fgrad.per_example.{name}: .*floating-point"):
+            fn(int_loss, _W, _B)
+    with pytest.raises(TypeError, match=r"fgrad.per_example.clipped_grad: .*floating-point"):
+        pe.clipped_grad(int_loss, _W, _B, max_norm=1.0)

@@ -70,6 +70,13 @@ def _check_losses(loss_fn, params, batch, n: int, caller: str) -> None:
     out = jax.eval_shape(loss_fn, params, batch)
     shape = getattr(out, "shape", None)
     if shape == (n,):
+        dtype = jnp.dtype(out.dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{caller}: loss_fn must return floating-point per-example losses, got "
+                f"{dtype.name}: an integer (or complex) loss has no real gradient. Compute the "
+                "loss in floating point (e.g. .astype(jnp.float32))."
+            )
         return
     if shape == ():
         raise ValueError(
