@@ -419,8 +419,12 @@ def with_hooks(fn: Callable, *, forward: Hooks = None, backward: Hooks = None) -
     ``jax.checkpoint`` as well.
 
     A hook acts on the tapped value through all of its uses, wherever the tap is written
-    (``fgrad.tap("h", h)`` as a statement hooks ``h``). To act on one branch only, tap a
-    value only that branch uses, as PyTorch code hooks a ``.clone()``. Backward hooks are
+    (``fgrad.tap("h", h)`` as a statement hooks ``h``; a tap of an input of a ``jax.jit``
+    or ``jax.checkpoint`` function also hooks the caller's uses of that input). To act on
+    one branch only, tap a value only that branch uses, as PyTorch code hooks a
+    ``.clone()``. A hooked tap of a pytree whose leaves are computed at different places
+    is refused when an earlier leaf is used before the last is computed: tap the leaves
+    separately. Backward hooks are
     ``jax.custom_vjp`` rules, so forward mode (``jax.jvp``) through a backward-hooked tap
     is refused by JAX; `fgrad.hvp` falls back to reverse-over-reverse there.
 
