@@ -178,3 +178,20 @@ def test_hessian_of_other_argnum_and_x64():
         np.testing.assert_allclose(
             h, np.diag(6 * np.sin([0.1, 0.2]) * np.array([1.5, -0.5])), rtol=1e-12
         )
+
+
+def test_hvp_of_python_floats_both_methods():
+    """f(w) = sin(w) at w = 1 with v = 1: H v = -sin(1), also through reverse-over-reverse
+    (explicit, or the fallback for a custom_vjp), where Python-float inputs used to crash."""
+
+    @jax.custom_vjp
+    def ident(w):
+        return w
+
+    ident.defvjp(lambda w: (w, None), lambda r, g: (g,))
+    want = -np.sin(1.0)
+    for method in ("forward_over_reverse", "reverse_over_reverse", "auto"):
+        got = fgrad.hvp(lambda w: jnp.sin(w), 1.0, 1.0, method=method)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    got = fgrad.hvp(lambda w: jnp.sin(ident(w)), 1.0, 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)

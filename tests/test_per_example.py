@@ -533,3 +533,59 @@ def test_embedding_gram_with_out_of_range_ids(mode):
 
         got = pe.grad_norms(losses, p, batch, method="ghost")
         assert_tree_allclose(got, _reference(losses, p, batch)[1], **TOL)
+
+
+# --------------------------------------------------------------------------------------
+# Bad inputs a review found silently wrong
+
+
+_LSQ = lambda w, b: (b["x"] @ w - b["y"]) ** 2
+_W = jnp.array([2.0, 1.0])
+_B = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "y": jnp.array([1.0, 0.0])}
+
+
+def test_integer_loss_is_refused():
+    """An integer-valued loss has no gradient (jax.vmap(jax.grad) raises); it used to give
+    zeros."""
+    int_loss = lambda w, b: jnp.round(_LSQ(w, b)).astype(jnp.int32)
+    with pytest.raises(TypeError):
+        one = lambda w, ex: int_loss(w, jax.tree.map(lambda a: a[None], ex))[0]
+        jax.vmap(jax.grad(one), in_axes=(None, 0))(_W, _B)
+    for fn in (pe.grads, pe.grad_norms, pe.moments):
+        name = fn.__name__
+        with pytest.raises(TypeError, match=rf"fgrad.per_example.{name}: .*floating-point"):
+            fn(int_loss, _W, _B)
+    with pytest.raises(TypeError, match=r"fgrad.per_example.clipped_grad: .*floating-point"):
+        pe.clipped_grad(int_loss, _W, _B, max_norm=1.0)
+
+
+def test_empty_batch_is_refused_where_a_mean_is_taken():
+    empty = jax.tree.map(lambda a: a[:0], _B)
+    with pytest.raises(ValueError, match=r"fgrad.per_example.clipped_grad: .*B=0"):
+        pe.clipped_grad(_LSQ, _W, empty, max_norm=1.0)
+    with pytest.raises(ValueError, match=r"fgrad.per_example.moments: .*B=0"):
+        pe.moments(_LSQ, _W, empty)
+    with pytest.raises(ValueError, match=r"fgrad.per_example.clipped_loss: .*B=0"):
+        pe.clipped_loss(_LSQ, 1.0)(_W, empty)
+
+
+def test_max_norm_and_noise_multiplier_checks():
+    # The docstring example: clipped per-example gradients [1, 0] and [0, 1], mean 0.5.
+    ok = pe.clipped_grad(_LSQ, _W, _B, max_norm=1.0)
+    np.testing.assert_allclose(ok, [0.5, 0.5], rtol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"fgrad.per_example.clipped_grad: max_norm must be a scalar"
+    ):
+        pe.clipped_grad(_LSQ, _W, _B, max_norm=jnp.array([1.0, 2.0]))
+    with pytest.raises(
+        ValueError, match=r"fgrad.per_example.clipped_grad: noise_multiplier must be >= 0"
+    ):
+        pe.clipped_grad(_LSQ, _W, _B, 1.0, key=jax.random.key(0), noise_multiplier=jnp.array(-1.0))
+    with pytest.raises(
+        ValueError, match=r"fgrad.per_example.clipped_grad: noise_multiplier must be >= 0"
+    ):
+        pe.clipped_grad(_LSQ, _W, _B, 1.0, key=jax.random.key(0), noise_multiplier=-1.0)
+    # Traced under jit a negative max_norm cannot be refused: NaN, not a sign-flipped gradient.
+    jitted = jax.jit(lambda c: pe.clipped_grad(_LSQ, _W, _B, max_norm=c))
+    assert bool(jnp.all(jnp.isnan(jitted(-1.0))))
+    np.testing.assert_allclose(jitted(1.0), [0.5, 0.5], rtol=1e-5)

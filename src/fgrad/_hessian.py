@@ -98,7 +98,7 @@ def _hvp(f: Callable, params: Any, v: Any, args: tuple, method: str, caller: str
 
     def reverse():
         dot = lambda p: sum(
-            jnp.vdot(a, b.astype(a.dtype))
+            jnp.vdot(a, jnp.asarray(b, a.dtype))
             for a, b in zip(jax.tree.leaves(grad(p)), jax.tree.leaves(v), strict=True)
         )
         return jax.grad(dot)(params)

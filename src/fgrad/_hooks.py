@@ -48,37 +48,95 @@ def matches(name: str, pattern: str) -> bool:
 # Taps at the definition of the value they tap
 
 
-def _normalize_closed(closed):
-    return closed.replace(jaxpr=_normalize(closed.jaxpr, {}))
+def _normalize_closed(closed, hooked: Callable[[str], bool] = lambda name: False):
+    return closed.replace(jaxpr=_normalize(closed.jaxpr, {}, hooked))
 
 
-def _normalize_param(v, memo):
+def _normalize_param(v, memo, hooked):
     if isinstance(v, jcore.ClosedJaxpr):
-        new = _normalize(v.jaxpr, memo)
+        new = _normalize(v.jaxpr, memo, hooked)
         return v if new is v.jaxpr else v.replace(jaxpr=new)
     if isinstance(v, jcore.Jaxpr):
-        return _normalize(v, memo)
+        return _normalize(v, memo, hooked)
     if isinstance(v, tuple) and any(isinstance(x, jcore.ClosedJaxpr | jcore.Jaxpr) for x in v):
-        new = tuple(_normalize_param(x, memo) for x in v)
+        new = tuple(_normalize_param(x, memo, hooked) for x in v)
         return v if all(a is b for a, b in zip(new, v, strict=True)) else new
     return v
 
 
-def _normalize(jaxpr, memo: dict):
+def _lift(eqn, hooked: Callable[[str], bool]) -> tuple[Any, list]:
+    """For a jit or checkpoint equation: the hooked taps at the top of its (normalized)
+    sub-program that tap only its inputs, taken out of it and returned as taps of the
+    caller's variables, to be bound before ``eqn``; and ``eqn`` reading their results.
+    A tap of an input then hooks the value through its uses outside the sub-program too
+    (jit and checkpoint are transparent), as `_trace` places such taps' perturbations."""
+    prim = eqn.primitive.name
+    if prim not in _trace._CALLS and prim not in _trace._REMATS:
+        return eqn, []
+    key = "jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"
+    sub = eqn.params.get(key)
+    closed = isinstance(sub, jcore.ClosedJaxpr)
+    body = sub.jaxpr if closed else sub
+    if not isinstance(body, jcore.Jaxpr):
+        return eqn, []
+    pos = {v: i for i, v in enumerate(body.invars)}
+    keep, lifted, subst = [], [], {}
+    invars = list(eqn.invars)
+    for e in body.eqns:
+        vars_in = [v for v in e.invars if isinstance(v, jcore.Var) and v in pos]
+        liftable = is_tap(e) and hooked(e.params["name"]) and len(vars_in) == len(e.invars)
+        outer_in = [eqn.invars[pos[v]] for v in vars_in] if liftable else []
+        if not liftable or any(isinstance(v, jcore.Literal) for v in outer_in):
+            keep.append(e)
+            continue
+        outer_out = [jcore.Var(v.aval) for v in outer_in]
+        lifted.append(e.replace(invars=outer_in, outvars=outer_out))
+        for v, o in zip(e.invars, e.outvars, strict=True):
+            subst[o] = v
+        for v, o in zip(vars_in, outer_out, strict=True):
+            invars[pos[v]] = o
+    if not lifted:
+        return eqn, []
+    sub_v = lambda v: subst.get(v, v) if isinstance(v, jcore.Var) else v
+    keep = [
+        e.replace(invars=[sub_v(v) for v in e.invars])
+        if any(isinstance(v, jcore.Var) and v in subst for v in e.invars)
+        else e
+        for e in keep
+    ]
+    new_body = body.replace(eqns=keep, outvars=[sub_v(v) for v in body.outvars])
+    new_sub = sub.replace(jaxpr=new_body) if closed else new_body
+    return eqn.replace(invars=invars, params={**eqn.params, key: new_sub}), lifted
+
+
+def _normalize(jaxpr, memo: dict, hooked: Callable[[str], bool]):
     """``jaxpr`` with every tap moved to just after the definition of what it taps, and
     every later use of a tapped variable reading the tap's output instead (sub-programs
-    included). The program computes the same; only where a tap's output is used changes."""
+    included; a tap of a jit's or checkpoint's input becomes a tap of the caller's
+    variable). The program computes the same; only where a tap's output is used changes.
+
+    A hooked tap of several values defined at different places cannot be placed after
+    them all without missing the uses of the earlier ones in between: refused."""
     if id(jaxpr) in memo:
         return memo[id(jaxpr)][1]
     out: list = []
     subst: dict = {}
     sub = lambda v: subst.get(v, v) if isinstance(v, jcore.Var) else v
     changed = False
-    for eqn in jaxpr.eqns:
-        params = {k: _normalize_param(v, memo) for k, v in eqn.params.items()}
+    pending = list(jaxpr.eqns)
+    pending.reverse()
+    while pending:
+        eqn = pending.pop()
+        params = {k: _normalize_param(v, memo, hooked) for k, v in eqn.params.items()}
         if any(params[k] is not eqn.params[k] for k in params):
             changed = True
             eqn = eqn.replace(params=params)
+        eqn, lifted = _lift(eqn, hooked)
+        if lifted:  # bind the lifted taps first, then the equation (reading their results)
+            changed = True
+            pending.append(eqn)
+            pending.extend(reversed(lifted))
+            continue
         invars = [sub(v) for v in eqn.invars]
         if any(a is not b for a, b in zip(invars, eqn.invars, strict=True)):
             eqn = eqn.replace(invars=invars)
@@ -94,6 +152,15 @@ def _normalize(jaxpr, memo: dict):
         for i, e in enumerate(out):
             if any(o in tapped for o in e.outvars):
                 where = i + 1
+        if hooked(eqn.params["name"]) and any(
+            isinstance(v, jcore.Var) and v in tapped for e in out[:where] for v in e.invars
+        ):
+            raise ValueError(
+                f"{_CALLER}: tap {eqn.params['name']!r} is hooked, but it taps several values "
+                "and one of them is used before the last of them is computed, so a hook on "
+                "the whole tapped value cannot act on that use. Tap each value separately "
+                "(fgrad.tap(name, value) right where it is computed) and hook those."
+            )
         later = []
         for e in out[where:]:
             if any(isinstance(v, jcore.Var) and v in tapped for v in e.invars):
@@ -270,6 +337,12 @@ class _Site:
 
     def __call__(self, leaves, steps, bind):
         steps = tuple(steps)
+        # A tapped Python number reaches here as the jaxpr's literal: make it an array of
+        # the tap's dtype, so hooks see (and are checked against) an array like any other.
+        leaves = [
+            a if isinstance(a, jax.Array) else jnp.asarray(a, s.dtype)
+            for a, s in zip(leaves, self.hit.shapes, strict=True)
+        ]
         x = jax.tree.unflatten(self.hit.tree, list(leaves))
         for h in self.forward:
             x = _apply(h, x, self.hit, steps)
@@ -313,6 +386,19 @@ def _sites(hits, forward: list[_Hook], backward: list[_Hook]) -> dict[_trace.Pat
     return sites
 
 
+def _changes_state(traced: _trace.Traced) -> bool:
+    """Whether the call changed the state of an nnx module among the arguments (so it must
+    be written back); not when every state output is its input passed through, so that a
+    model inside a transformation around this one (jit, grad) is not needlessly mutated."""
+    if not traced.n_state:
+        return False
+    if traced.closed:
+        return True
+    j = traced.jaxpr.jaxpr
+    after = j.outvars[len(j.outvars) - traced.n_state :]
+    return any(a is not b for a, b in zip(after, j.invars, strict=True))
+
+
 def with_hooks(fn: Callable, *, forward: Hooks = None, backward: Hooks = None) -> Callable:
     """Transforms ``fn`` to change tapped values, or the gradients flowing back through them.
 
@@ -325,7 +411,7 @@ def with_hooks(fn: Callable, *, forward: Hooks = None, backward: Hooks = None) -
 
     where :math:`\\bar h` is the gradient of the output with respect to the tapped value,
     summed over all its uses (``tensor.register_hook``). The result is a plain function
-    of ``fn``'s positional arguments: jit, vmap (hooks see one example), grad (also
+    of ``fn``'s arguments: jit, vmap (hooks see one example), grad (also
     nested: the backward hooks' computation is differentiated, as PyTorch's
     ``create_graph=True`` does), `fgrad.grad_intermediates` (whose gradient at a hooked tap
     is the one after the backward hooks, as ``retain_grad`` reports it) and the rest
@@ -333,8 +419,12 @@ def with_hooks(fn: Callable, *, forward: Hooks = None, backward: Hooks = None) -
     ``jax.checkpoint`` as well.
 
     A hook acts on the tapped value through all of its uses, wherever the tap is written
-    (``fgrad.tap("h", h)`` as a statement hooks ``h``). To act on one branch only, tap a
-    value only that branch uses, as PyTorch code hooks a ``.clone()``. Backward hooks are
+    (``fgrad.tap("h", h)`` as a statement hooks ``h``; a tap of an input of a ``jax.jit``
+    or ``jax.checkpoint`` function also hooks the caller's uses of that input). To act on
+    one branch only, tap a value only that branch uses, as PyTorch code hooks a
+    ``.clone()``. A hooked tap of a pytree whose leaves are computed at different places
+    is refused when an earlier leaf is used before the last is computed: tap the leaves
+    separately. Backward hooks are
     ``jax.custom_vjp`` rules, so forward mode (``jax.jvp``) through a backward-hooked tap
     is refused by JAX; `fgrad.hvp` falls back to reverse-over-reverse there.
 
@@ -360,7 +450,7 @@ def with_hooks(fn: Callable, *, forward: Hooks = None, backward: Hooks = None) -
     must match a tap.
 
     Returns:
-      A function with ``fn``'s positional arguments and output.
+      A function with ``fn``'s arguments and output.
 
     Examples:
       Gradient reversal (``h.register_hook(lambda g: -g)``):
@@ -385,18 +475,26 @@ def with_hooks(fn: Callable, *, forward: Hooks = None, backward: Hooks = None) -
     if not callable(fn):
         raise TypeError(f"{_CALLER}: fn must be callable, got {type(fn).__name__}.")
 
+    hooked = lambda name: any(matches(name, h.pattern) for h in (*fwd_hooks, *bwd_hooks))
+
     @functools.wraps(fn)
-    def wrapped(*args):
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        closed = _normalize_closed(closed)
+    def wrapped(*args, **kwargs):
+        # Arrays traced, Python numbers/bools/strings passed as they are (``if train:``
+        # works), as jax.grad passes non-differentiated arguments; nnx modules' state
+        # changes (BatchNorm statistics) are written back, as nnx.grad does.
+        traced = _trace.trace(fn, args, kwargs, dynamic_argnums=())
+        closed = _normalize_closed(traced.jaxpr, hooked)
         sites = _sites(_trace.find_hits(closed.jaxpr), fwd_hooks, bwd_hooks)
         keys = {path: str(i) for i, path in enumerate(sites)}
         by_key = {str(i): site for i, site in enumerate(sites.values())}
         at_tap = lambda key, leaves, steps, bind: by_key[key](leaves, steps, bind)
         plan = _trace.Plan(keys, at_tap=at_tap)
         outs, _ = _trace.run(
-            closed.jaxpr, closed.consts, jax.tree.leaves(args), plan, {}, record=False
+            closed.jaxpr, closed.consts, traced.inputs(args, kwargs), plan, {}, record=False
         )
-        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+        outs, state = traced.split_outputs(outs)
+        if _changes_state(traced):
+            traced.write_back(args, kwargs, state)
+        return jax.tree.unflatten(traced.out_tree, outs)
 
     return wrapped

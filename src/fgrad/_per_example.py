@@ -70,6 +70,13 @@ def _check_losses(loss_fn, params, batch, n: int, caller: str) -> None:
     out = jax.eval_shape(loss_fn, params, batch)
     shape = getattr(out, "shape", None)
     if shape == (n,):
+        dtype = jnp.dtype(out.dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{caller}: loss_fn must return floating-point per-example losses, got "
+                f"{dtype.name}: an integer (or complex) loss has no real gradient. Compute the "
+                "loss in floating point (e.g. .astype(jnp.float32))."
+            )
         return
     if shape == ():
         raise ValueError(
@@ -82,13 +89,41 @@ def _check_losses(loss_fn, params, batch, n: int, caller: str) -> None:
     )
 
 
+def _check_scalar(x: Any, what: str, caller: str) -> None:
+    if x is not None and jnp.ndim(x) != 0:
+        raise ValueError(f"{caller}: {what} must be a scalar, got shape {jnp.shape(x)}.")
+
+
 def _check_max_norm(max_norm: Any, caller: str) -> None:
+    _check_scalar(max_norm, "max_norm", caller)
     try:
         bad = not float(max_norm) > 0
     except (TypeError, jax.errors.ConcretizationTypeError):
-        return  # traced: cannot be checked
+        return  # traced: cannot be checked here; _clip_factors gives NaN if not positive
     if bad:
         raise ValueError(f"{caller}: max_norm must be positive, got {max_norm!r}.")
+
+
+def _check_noise(noise_multiplier: Any, caller: str) -> None:
+    if noise_multiplier is None:
+        raise ValueError(f"{caller}: noise_multiplier must be >= 0, got None.")
+    _check_scalar(noise_multiplier, "noise_multiplier", caller)
+    try:
+        bad = not float(noise_multiplier) >= 0
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return  # traced: cannot be checked
+    if bad:
+        raise ValueError(f"{caller}: noise_multiplier must be >= 0, got {noise_multiplier!r}.")
+
+
+def _nonempty_batch(batch: Any, caller: str) -> int:
+    n = _checks.batch_size(batch, caller)
+    if n == 0:
+        raise ValueError(
+            f"{caller}: the batch has no examples (B=0), so the mean over examples is "
+            "undefined; pass at least one example."
+        )
+    return n
 
 
 # ----------------------------------------------------------------------------------------
@@ -594,7 +629,10 @@ def grad_norms(
 
 def _clip_factors(norms: jax.Array, max_norm: Any) -> jax.Array:
     m = jnp.asarray(max_norm, norms.dtype)
-    return jnp.minimum(m / (norms + jnp.asarray(CLIP_EPS, norms.dtype)), 1)
+    c = jnp.minimum(m / (norms + jnp.asarray(CLIP_EPS, norms.dtype)), 1)
+    # A max_norm traced under jit cannot be checked when called: a non-positive one gives
+    # NaN rather than sign-flipped (or zero) clipped gradients.
+    return jnp.where(m > 0, c, jnp.nan)
 
 
 def clipped_grad(
@@ -626,10 +664,11 @@ def clipped_grad(
       loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
       params: the parameters.
       batch: a pytree of arrays sharing a leading example axis.
-      max_norm: the clipping norm ``C`` (positive).
+      max_norm: the clipping norm ``C``: a positive scalar (refused otherwise; one
+        traced under jit that is not positive gives NaN).
       key: a PRNG key for the noise (required when ``noise_multiplier > 0``); each
         trainable leaf draws from its own fold of it.
-      noise_multiplier: ``σ``; 0 (default) adds no noise.
+      noise_multiplier: ``σ``, a scalar >= 0; 0 (default) adds no noise.
       method: ``"auto"``, ``"ghost"`` or ``"vmap"`` (see `grads`).
       trainable: which leaves are trained, as for `fgrad.zero_grad` (frozen: ``None``,
         excluded from the norms).
@@ -656,14 +695,11 @@ def clipped_grad(
     caller = "fgrad.per_example.clipped_grad"
     _check_method(method, caller)
     _check_max_norm(max_norm, caller)
-    if noise_multiplier is None or (
-        not isinstance(noise_multiplier, jax.Array) and noise_multiplier < 0
-    ):
-        raise ValueError(f"{caller}: noise_multiplier must be >= 0, got {noise_multiplier!r}.")
+    _check_noise(noise_multiplier, caller)
     noisy = isinstance(noise_multiplier, jax.Array) or noise_multiplier > 0
     if noisy and key is None:
         raise ValueError(f"{caller}: noise_multiplier > 0 needs a PRNG key: pass key=.")
-    n = _checks.batch_size(batch, caller)
+    n = _nonempty_batch(batch, caller)
     meta: dict[str, Any] = {}
 
     def fn(b):
@@ -739,7 +775,7 @@ def moments(
     """
     caller = "fgrad.per_example.moments"
     _check_method(method, caller)
-    n = _checks.batch_size(batch, caller)
+    n = _nonempty_batch(batch, caller)
     meta: dict[str, Any] = {}
 
     def fn(b):
@@ -778,7 +814,8 @@ def clipped_loss(
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
-      max_norm: the clipping norm ``C`` (positive).
+      max_norm: the clipping norm ``C``: a positive scalar (refused otherwise; one
+        traced under jit that is not positive gives NaN).
       method: how the norms are computed (see `grads`).
       trainable: which leaves count in the norms.
 
@@ -800,6 +837,7 @@ def clipped_loss(
     _check_max_norm(max_norm, caller)
 
     def fn(params, batch):
+        _nonempty_batch(batch, caller)
         norms = grad_norms(
             loss_fn,
             jax.lax.stop_gradient(params),
