@@ -235,3 +235,33 @@ def test_argnums_on_an_nnx_model_with_integer_variables_matches_nnx_grad():
     assert_tree_allclose(grads.bn.scale[...], expected["bn"]["scale"][...])
     assert grads.calls[...].dtype == jax.dtypes.float0  # an integer leaf: no gradient
     assert int(model.calls[...]) == int(reference.calls[...]) == 1
+
+
+def test_nnx_model_sharing_a_submodule_is_refused_not_split():
+    """An nnx model using one Linear as two attributes: nnx.grad sums the two uses'
+    gradients; as a JAX pytree the model would be copied apart (gradients split between
+    the copies), so fgrad refuses it and says how to keep the sharing."""
+
+    class Shared(nnx.Module):
+        def __init__(self):
+            lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+            self.a, self.b = lin, lin
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    m, x = Shared(), jnp.ones((3, 2))
+    loss = lambda m, x: jnp.sum(m(x) ** 2)
+    for call in (
+        lambda: fgrad.tap_nnx(loss, "a")(m, x),
+        lambda: fgrad.grad_intermediates(fgrad.tap_nnx(loss, "a"), argnums=0)(m, x),
+        lambda: fgrad.intermediates(loss)(m, x),
+    ):
+        with pytest.raises(ValueError, match=r"shares a submodule.*nnx\.split"):
+            call()
+    # the way the message gives: differentiate the state; the sharing is kept
+    graphdef, state = nnx.split(m)
+    merged = lambda s, x: loss(nnx.merge(graphdef, s), x)
+    _, g = fgrad.value_and_grad_intermediates(merged, argnums=0)(state, x)
+    want = nnx.grad(loss)(m, x)
+    np.testing.assert_allclose(g[1]["a"]["kernel"].value, want["a"]["kernel"].value, rtol=1e-6)

@@ -222,3 +222,25 @@ def batch_size(batch: Any, caller: str) -> int:
     size = next(iter(sizes.values()))
     assert size is not None  # scalars were refused above
     return size
+
+
+def refuse_shared_nnx(tree: Any, caller: str) -> None:
+    """Raises ValueError if an nnx model in ``tree`` shares a submodule or variable between
+    two of its attributes: JAX's pytree view of an nnx model (what fgrad's transformations
+    trace) copies shared parts apart, so their gradients and state would be split between
+    the copies instead of summed, as ``nnx.grad`` and PyTorch sum them."""
+    from flax import nnx
+
+    is_module = lambda x: isinstance(x, nnx.Module)
+    for path, m in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_module):
+        if is_module(m) and len(jax.tree.leaves(m)) != len(jax.tree.leaves(nnx.state(m))):
+            where = jax.tree_util.keystr(path) or "the model"
+            raise ValueError(
+                f"{caller}: {where} shares a submodule or variable between two of its "
+                "attributes (one nnx.Linear used as both self.a and self.b, tied weights). "
+                "As a JAX pytree an nnx model copies shared parts apart, which would split "
+                "their gradients and state between the copies. Differentiate its state "
+                "instead: graphdef, state = nnx.split(model), and call "
+                "nnx.merge(graphdef, state) inside the function (nnx keeps the sharing); "
+                "apply fgrad.tap_nnx inside the function to the merged model."
+            )

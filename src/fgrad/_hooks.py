@@ -482,7 +482,7 @@ def with_hooks(fn: Callable, *, forward: Hooks = None, backward: Hooks = None) -
         # Arrays traced, Python numbers/bools/strings passed as they are (``if train:``
         # works), as jax.grad passes non-differentiated arguments; nnx modules' state
         # changes (BatchNorm statistics) are written back, as nnx.grad does.
-        traced = _trace.trace(fn, args, kwargs, dynamic_argnums=())
+        traced = _trace.trace(fn, args, kwargs, dynamic_argnums=(), caller=_CALLER)
         closed = _normalize_closed(traced.jaxpr, hooked)
         sites = _sites(_trace.find_hits(closed.jaxpr), fwd_hooks, bwd_hooks)
         keys = {path: str(i) for i, path in enumerate(sites)}

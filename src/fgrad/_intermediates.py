@@ -265,7 +265,7 @@ def _out_mask(traced: _trace.Traced, has_aux: bool, caller: str) -> list[bool]:
 def _intermediates_values(fn: Callable, req: _Request) -> Callable:
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        traced = _trace.trace(fn, args, kwargs, dynamic_argnums=())
+        traced = _trace.trace(fn, args, kwargs, dynamic_argnums=(), caller=req.caller)
         inputs = traced.inputs(args, kwargs)
         mask = [False] * (traced.out_tree.num_leaves + traced.n_state)
         sel = _select(traced, inputs, req, for_grad=False, differentiated=mask)
@@ -332,7 +332,7 @@ def _vjp(fn, req: _Request, args, kwargs, *, has_aux, argnums):
         caller,
         "the arguments chosen by argnums",
     )
-    traced = _trace.trace(fn, args, kwargs, dynamic_argnums=nums or ())
+    traced = _trace.trace(fn, args, kwargs, dynamic_argnums=nums or (), caller=req.caller)
     mask = _out_mask(traced, has_aux, caller)
     sel = _select(traced, traced.inputs(args, kwargs), req, for_grad=True, differentiated=mask)
 

@@ -28,7 +28,7 @@ from flax import errors as flax_errors
 from flax import linen as nn
 from flax import nnx
 
-from fgrad import _trace
+from fgrad import _checks, _trace
 from fgrad._globs import match as glob_match
 from fgrad._tap import tap
 from fgrad._typing import P, R
@@ -276,6 +276,7 @@ def tap_nnx(
                 f"{caller}: expected an nnx.Module as argument {argnum} (or model=...), got "
                 f"{type(m).__name__}."
             )
+        _checks.refuse_shared_nnx(m, caller)
         found = [
             ("/".join(str(k) for k in path), mod)
             for path, mod in nnx.iter_modules(m)

@@ -29,6 +29,7 @@ import numpy as np
 from jax._src.interpreters import partial_eval as pe
 from jax.extend import core as jcore
 
+from fgrad import _checks
 from fgrad._tap import is_tap
 
 # Primitives whose sub-program runs exactly once per call: taps inside them are served
@@ -203,8 +204,11 @@ def trace(
     kwargs: Mapping[str, Any] | None = None,
     *,
     dynamic_argnums: Sequence[int] | None = None,
+    caller: str = "fgrad",
 ) -> Traced:
-    """Traces ``fn(*args, **kwargs)`` to a jaxpr and finds its taps.
+    """Traces ``fn(*args, **kwargs)`` to a jaxpr and finds its taps. An nnx model among
+    the arguments that shares a submodule or variable is refused (as a pytree it would be
+    copied apart), naming ``caller``.
 
     Without ``dynamic_argnums`` every leaf is traced (as before). With it, the leaves of
     those positional arguments are traced, and of the others only the arrays: Python
@@ -223,6 +227,8 @@ def trace(
         dynamic = tuple(dyn)
 
     stateful = _has_nnx_module((args, kwargs))
+    if stateful:
+        _checks.refuse_shared_nnx((args, kwargs), caller)
     updates: list[tuple[Any, Any]] = []
     python_outs: dict[int, Any] = {}
 
