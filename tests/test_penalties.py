@@ -430,3 +430,18 @@ def test_hostile_inputs_get_errors_naming_the_penalty(mlp):
     # size-1 batches and parameters: correct numbers (closed forms)
     assert float(P.input_gradient(lambda w, x: x @ w, jnp.array([3.0, 4.0]), JX[:1, :2])) == 25.0
     assert float(P.gradient_norm(lambda w: w**2, jnp.float32(2.0))) == 4.0
+
+
+def test_an_empty_batch_is_refused_naming_the_penalty(mlp):
+    """A batch of size 0 is refused (was a ZeroDivisionError)."""
+    _, params = mlp
+    calls = {
+        "wgan_gp": lambda: P.wgan_gp(jax_critic, params, JX[:0], JX2[:0], key=jax.random.key(0)),
+        "r1": lambda: P.r1(jax_critic, params, JX[:0]),
+        "r2": lambda: P.r2(jax_critic, params, JX[:0]),
+        "input_gradient": lambda: P.input_gradient(jax_critic, params, JX[:0]),
+        "jacobian_norm": lambda: P.jacobian_norm(jax_net, params, JX[:0], key=jax.random.key(0)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^fgrad\.penalties\.{name}: .* empty batch"):
+            call()

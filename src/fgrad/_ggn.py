@@ -149,7 +149,31 @@ def _sampler(loss_fn: Callable, sampler: Callable | None, caller: str) -> Callab
     return known
 
 
+def _check_model(model_fn: Callable, params: Any, x: Any, caller: str) -> jax.ShapeDtypeStruct:
+    """The shape of ``model_fn(params, x)``, which must be one floating-point array with a
+    non-empty leading batch axis."""
+    out = jax.eval_shape(model_fn, params, x)
+    if not isinstance(out, jax.ShapeDtypeStruct) or not jnp.issubdtype(out.dtype, jnp.floating):
+        got = out.dtype if isinstance(out, jax.ShapeDtypeStruct) else jax.tree.structure(out)
+        raise TypeError(
+            f"{caller}: model_fn(params, x) must return one floating-point array of outputs "
+            f"(a leading batch axis), got {got}. Return the logits/predictions alone, as a "
+            "float array."
+        )
+    _check_nonempty(out.shape, caller)
+    return out
+
+
+def _check_nonempty(shape: tuple[int, ...], caller: str) -> None:
+    if shape and shape[0] == 0:
+        raise ValueError(
+            f"{caller}: the batch is empty (outputs of shape {tuple(shape)}); the curvature "
+            "of a mean loss needs at least one example."
+        )
+
+
 def _check_batch(loss_fn: Callable, outputs: Any, y: Any, caller: str) -> None:
+    _check_nonempty(tuple(outputs.shape), caller)
     check = getattr(loss_fn, "check", None)
     if check is not None:
         check(outputs, y, caller)
@@ -184,6 +208,7 @@ class _Linearized:
     linearisation (forward residuals shared by every product)."""
 
     def __init__(self, model_fn: Callable, params: Any, x: Any, caller: str):
+        _check_model(model_fn, params, x, caller)
         f = lambda p: model_fn(p, x)
         if not _has_custom_vjp(jax.make_jaxpr(f)(params).jaxpr):
             out, self.jvp = jax.linearize(f, params)
@@ -521,7 +546,7 @@ def ggn_diagonal(
         samples = _checks.positive_int(samples, "samples", caller)
 
     def one(xb, yb, i):
-        out = jax.eval_shape(model_fn, params, xb)
+        out = _check_model(model_fn, params, xb, caller)
         _check_batch(loss_fn, out, yb, caller)
 
         def example(xn, yn, kn):

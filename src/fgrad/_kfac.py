@@ -38,6 +38,7 @@ import numpy as np
 from fgrad import _checks, _layers
 from fgrad._ggn import (
     _check_batch,
+    _check_model,
     _fisher_factors,
     _loss_sqrt,
     _over_batches,
@@ -569,7 +570,9 @@ def kfac(
             result.append(_factors(a_rows, g_rows, approx, norm, signs))
         return result
 
-    chosen, others, closed = plan(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x))
+    x_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
+    _check_batch(loss_fn, _check_model(model_fn, params, x_shapes, caller), y, caller)
+    chosen, others, closed = plan(x_shapes)
     facs = _over_batches(one, x, y, microbatches, caller)
     cands: dict[int, int] = {}  # layer position -> its named bias leaf
     for j, (layer, (_, g_f)) in enumerate(zip(chosen, facs, strict=True)):

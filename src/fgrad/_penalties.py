@@ -54,6 +54,11 @@ def _batch_of(x: jax.Array, caller: str, name: str = "x") -> int:
     if not hasattr(x, "shape") or jnp.ndim(x) < 1:
         raise ValueError(f"{caller}: {name} must be an array with a leading batch axis.")
     _checks.require_float_tree(x, caller, name)
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{caller}: {name} is an empty batch (shape {tuple(x.shape)}); the penalty is a "
+            "mean over examples and needs at least one."
+        )
     return int(x.shape[0])
 
 
