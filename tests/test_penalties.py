@@ -445,3 +445,14 @@ def test_an_empty_batch_is_refused_naming_the_penalty(mlp):
     for name, call in calls.items():
         with pytest.raises(ValueError, match=rf"^fgrad\.penalties\.{name}: .* empty batch"):
             call()
+
+
+def test_jacobian_norm_refuses_vectors_that_are_not_unit_norm(mlp):
+    """The estimate scales with the vectors' squared norm: 3 v gave 9x the value."""
+    _, params = mlp
+    v = jnp.asarray(V)
+    jac = jax.vmap(jax.jacfwd(lambda z: jax_net(params, z[None])[0]))(JX)  # (B, C, D)
+    want = C * np.mean(np.sum(np.einsum("pnc,ncd->pnd", V, np.asarray(jac)) ** 2, -1))
+    np.testing.assert_allclose(float(P.jacobian_norm(jax_net, params, JX, vectors=v)), want, 1e-5)
+    with pytest.raises(ValueError, match=r"^fgrad\.penalties\.jacobian_norm: each vector must"):
+        P.jacobian_norm(jax_net, params, JX, vectors=3 * v)
