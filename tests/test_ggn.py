@@ -451,3 +451,20 @@ def test_bad_outputs_and_an_empty_batch_are_refused_naming_the_function():
                 call(bad, x, y)
         with pytest.raises(ValueError, match=rf"fgrad\.curvature\.{name}: the batch is empty"):
             call(fn, x[:0], y[:0])
+
+
+def test_monte_carlo_fisher_without_a_key_names_the_argument_the_user_passed():
+    p, x, y = {"w": jnp.ones((3, 2))}, jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
+    fn = lambda p, x: x @ p["w"]
+    cases = [
+        ("kfac", "fisher='mc'", lambda: curvature.kfac(fn, CE, p, x, y, fisher="mc")),
+        (
+            "hessian_diagonal",
+            "operator='fisher_mc'",
+            lambda: curvature.hessian_diagonal(fn, p, x, y, operator="fisher_mc", loss_fn=CE),
+        ),
+        ("fisher_vp", "kind='mc'", lambda: curvature.fisher_vp(fn, CE, p, x, y, p, kind="mc")),
+    ]
+    for name, arg, call in cases:
+        with pytest.raises(TypeError, match=rf"^fgrad\.curvature\.{name}: {arg} draws targets"):
+            call()

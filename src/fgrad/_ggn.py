@@ -253,15 +253,16 @@ def _bcast(s: jax.Array, like: jax.Array) -> jax.Array:
     return s.reshape(s.shape + (1,) * (like.ndim - 1))
 
 
-def _fisher_factors(loss_fn, out, y, kind, key, samples, sampler, caller):
+def _fisher_factors(loss_fn, out, y, kind, key, samples, sampler, caller, arg="kind='mc'"):
     """Output-gradient samples ``(S, N, ...)`` whose outer products, averaged over the
-    samples and examples, give the Fisher in output space."""
+    samples and examples, give the Fisher in output space; ``arg``: the user's argument
+    that chose the Monte Carlo Fisher, for the error without a key."""
     if kind == "empirical":
         return _output_grads(loss_fn, out, y)[None]
     draw = _sampler(loss_fn, sampler, caller)
     if key is None:
         raise TypeError(
-            f"{caller}: kind='mc' draws targets; pass key=jax.random.key(seed) (an explicit "
+            f"{caller}: {arg} draws targets; pass key=jax.random.key(seed) (an explicit "
             "PRNG key, so results are reproducible)."
         )
     samples = _checks.positive_int(samples, "samples", caller)
@@ -292,12 +293,14 @@ def ggn_matvec(model_fn, loss_fn, params, x, y, caller) -> Callable[[Any], Any]:
     return matvec
 
 
-def fisher_matvec(model_fn, loss_fn, params, x, y, kind, key, samples, sampler, caller):
+def fisher_matvec(
+    model_fn, loss_fn, params, x, y, kind, key, samples, sampler, caller, arg="kind='mc'"
+):
     """``v -> F v`` at fixed ``params, x, y`` (and, for "mc", fixed drawn targets)."""
     _check_kind(kind, caller)
     lin = _Linearized(model_fn, params, x, caller)
     _check_batch(loss_fn, lin.out, y, caller)
-    r = _fisher_factors(loss_fn, lin.out, y, kind, key, samples, sampler, caller)
+    r = _fisher_factors(loss_fn, lin.out, y, kind, key, samples, sampler, caller, arg)
     scale = 1.0 / (r.shape[0] * r.shape[1])
 
     def matvec(v):
@@ -624,7 +627,9 @@ def flat_operator(
         kind = "empirical" if operator == "fisher" else "mc"
         if kind == "mc" and key is not None:
             key = jax.random.fold_in(key, 0x5EED)
-        mv = fisher_matvec(f, loss_fn, params, x, y, kind, key, 1, None, caller)
+        mv = fisher_matvec(
+            f, loss_fn, params, x, y, kind, key, 1, None, caller, "operator='fisher_mc'"
+        )
 
     def matvec(u):
         return ravel_pytree(mv(unravel(u)))[0]

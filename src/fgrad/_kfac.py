@@ -561,7 +561,9 @@ def kfac(
             norm = 1
         else:
             kb = key if i is None or key is None else jax.random.fold_in(key, i)
-            r = _fisher_factors(loss_fn, out, yb, fisher, kb, samples, sampler, caller)
+            r = _fisher_factors(
+                loss_fn, out, yb, fisher, kb, samples, sampler, caller, "fisher='mc'"
+            )
             cols, norm = r, n_cols
         grads = jax.vmap(lambda c: pull(c.astype(out.dtype))[0])(cols)
         result = []
