@@ -428,3 +428,43 @@ def test_ggn_vp_through_a_custom_vjp_model():
     v = _random_like(p, 10)
     got = jax.jit(lambda p, x, y, v: curvature.ggn_vp(fn, CE, p, x, y, v))(p, x, y, v)
     np.testing.assert_allclose(_flat(got), (jac.T @ h @ jac) @ _flat(v), rtol=1e-10, atol=1e-12)
+
+
+def test_bad_outputs_and_an_empty_batch_are_refused_naming_the_function():
+    """A model_fn returning a tuple or integers, and an empty batch, get clear errors (were
+    JAX's linear_transpose TypeError, an attribute error, or NaN / zeros)."""
+    p, x, y = {"w": jnp.ones((3, 2))}, jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
+    pair = lambda p, x: (x @ p["w"], 0)
+    ints = lambda p, x: (x @ p["w"]).astype(jnp.int32)
+    fn = lambda p, x: x @ p["w"]
+    calls = {
+        "ggn_vp": lambda f, x, y: curvature.ggn_vp(f, CE, p, x, y, p),
+        "fisher_vp": lambda f, x, y: curvature.fisher_vp(f, CE, p, x, y, p, kind="empirical"),
+        "ggn_diagonal": lambda f, x, y: curvature.ggn_diagonal(f, CE, p, x, y),
+        "kfac": lambda f, x, y: curvature.kfac(f, CE, p, x, y),
+    }
+    for name, call in calls.items():
+        for bad, got in ((pair, r"PyTreeDef\(\(\*, \*\)\)"), (ints, "int32")):
+            with pytest.raises(
+                TypeError, match=rf"fgrad\.curvature\.{name}: model_fn\(params, x\) must .*{got}"
+            ):
+                call(bad, x, y)
+        with pytest.raises(ValueError, match=rf"fgrad\.curvature\.{name}: the batch is empty"):
+            call(fn, x[:0], y[:0])
+
+
+def test_monte_carlo_fisher_without_a_key_names_the_argument_the_user_passed():
+    p, x, y = {"w": jnp.ones((3, 2))}, jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
+    fn = lambda p, x: x @ p["w"]
+    cases = [
+        ("kfac", "fisher='mc'", lambda: curvature.kfac(fn, CE, p, x, y, fisher="mc")),
+        (
+            "hessian_diagonal",
+            "operator='fisher_mc'",
+            lambda: curvature.hessian_diagonal(fn, p, x, y, operator="fisher_mc", loss_fn=CE),
+        ),
+        ("fisher_vp", "kind='mc'", lambda: curvature.fisher_vp(fn, CE, p, x, y, p, kind="mc")),
+    ]
+    for name, arg, call in cases:
+        with pytest.raises(TypeError, match=rf"^fgrad\.curvature\.{name}: {arg} draws targets"):
+            call()

@@ -220,3 +220,21 @@ def test_order_30_on_a_vector_is_taylor_per_element_or_refused():
         fgrad.derivative(lambda v: jnp.sin(v) * v[::-1], 30)(x)
     with pytest.raises(ValueError, match=r"order 100 by Taylor mode is out of reach"):
         fgrad.derivative(lambda v: jnp.tanh(jnp.sin(v) * 2.0 + v**2), 100)(jnp.float32(0.5))
+
+
+def test_a_derivative_beyond_the_dtype_range_is_inf_not_nan():
+    """d^k/dx^k 1/(1-x) = k! / (1-x)^(k+1): at x = 0.5 and k = 30, 5.7e41 exceeds float32
+    (NaN before: the series' intermediate coefficients overflowed to inf - inf); at
+    x = -0.5 it is 9.2e26, in range. float64 holds both."""
+    f = lambda x: 1 / (1 - x)
+    x = jnp.array([0.5, -0.5], jnp.float32)
+    want = np.array([math.factorial(30) / (1 - v) ** 31 for v in (0.5, -0.5)])
+    got, how = fgrad.derivative(f, 30, return_method=True)(x)
+    assert how == "taylor"
+    for d in (np.asarray(got), np.asarray(jax.jit(fgrad.derivative(f, 30))(x))):
+        assert np.isposinf(d[0])
+        np.testing.assert_allclose(d[1], want[1], rtol=1e-5)
+    with jax.enable_x64(True):
+        got64 = np.asarray(fgrad.derivative(f, 30)(jnp.asarray(x, jnp.float64)))
+    np.testing.assert_allclose(got64, want, rtol=1e-12)
+    assert np.isnan(float(fgrad.derivative(jnp.sqrt, 5)(-1.0)))  # a real NaN stays NaN

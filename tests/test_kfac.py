@@ -367,3 +367,45 @@ def test_kfac_of_a_flax_model_equals_curvlinops():
         np.testing.assert_allclose(
             got["params"][f"fc{i}"]["bias"], want[f"{t}.bias"], rtol=1e-10, atol=1e-13
         )
+
+
+def _twice(h, b):
+    return h + b + jnp.sin(h)
+
+
+_BIAS_CASES = {
+    "added to the layer": (lambda p, x: x @ p["w"] + p["b"], True),
+    "added after tanh": (lambda p, x: jnp.tanh(x @ p["w"]) + p["b"], False),
+    "unused": (lambda p, x: x @ p["w"], False),
+    "scaled": (lambda p, x: x @ p["w"] + 3 * p["b"], False),
+    "used twice": (lambda p, x: (x @ p["w"] + p["b"]) * p["b"], False),
+    "layer output used twice": (lambda p, x: _twice(x @ p["w"], p["b"]), False),
+    "broadcast along the batch axis": (lambda p, x: x @ p["w"] + p["b"][:, None], False),
+}
+
+
+@pytest.mark.parametrize("case", list(_BIAS_CASES))
+def test_bias_gets_g_only_when_added_to_the_layer_output(case):
+    """With one example K-FAC is the exact GGN block of a dense layer's weight and of a
+    bias added to its output; a bias named like the weight but used otherwise is left
+    uncovered (its GGN block is not G), never given G."""
+    fn, covered = _BIAS_CASES[case]
+    r = np.random.default_rng(7)
+    p = {"w": jnp.asarray(r.normal(size=(3, 2))), "b": jnp.asarray(r.normal(size=2))}
+    n = 2 if case == "broadcast along the batch axis" else 1  # out (2, 2): batch = features
+    x, y = jnp.asarray(r.normal(size=(n, 3))), jnp.asarray(r.normal(size=(n, 2)))
+    k = curvature.kfac(fn, MSE, p, x, y)
+    assert k.paths == (("['w']", "['b']") if covered else ("['w']",))
+    assert k.uncovered == (() if covered else ("['b']",))
+    flat, unravel = ravel_pytree(p)  # ravel order: "b" (2), then "w" (6)
+    out = fn(p, x)
+    jac = jax.jacobian(lambda f: fn(unravel(f), x).reshape(-1))(flat)
+    hess = jax.hessian(lambda o: MSE(o.reshape(out.shape), y))(out.reshape(-1))
+    ggn, dense = np.asarray(jac.T @ hess @ jac), np.asarray(k.dense())
+    b, w = np.r_[0:2], np.r_[2:8]
+    if n == 1:  # K-FAC is exact for the weight with one example
+        np.testing.assert_allclose(dense[np.ix_(w, w)], ggn[np.ix_(w, w)], atol=1e-12)
+    want_b = ggn[np.ix_(b, b)] if covered else np.zeros((2, 2))
+    np.testing.assert_allclose(dense[np.ix_(b, b)], want_b, atol=1e-12)
+    if not covered:
+        assert np.abs(ggn[np.ix_(b, b)]).max() > 1e-3 or case == "unused"

@@ -430,3 +430,29 @@ def test_hostile_inputs_get_errors_naming_the_penalty(mlp):
     # size-1 batches and parameters: correct numbers (closed forms)
     assert float(P.input_gradient(lambda w, x: x @ w, jnp.array([3.0, 4.0]), JX[:1, :2])) == 25.0
     assert float(P.gradient_norm(lambda w: w**2, jnp.float32(2.0))) == 4.0
+
+
+def test_an_empty_batch_is_refused_naming_the_penalty(mlp):
+    """A batch of size 0 is refused (was a ZeroDivisionError)."""
+    _, params = mlp
+    calls = {
+        "wgan_gp": lambda: P.wgan_gp(jax_critic, params, JX[:0], JX2[:0], key=jax.random.key(0)),
+        "r1": lambda: P.r1(jax_critic, params, JX[:0]),
+        "r2": lambda: P.r2(jax_critic, params, JX[:0]),
+        "input_gradient": lambda: P.input_gradient(jax_critic, params, JX[:0]),
+        "jacobian_norm": lambda: P.jacobian_norm(jax_net, params, JX[:0], key=jax.random.key(0)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^fgrad\.penalties\.{name}: .* empty batch"):
+            call()
+
+
+def test_jacobian_norm_refuses_vectors_that_are_not_unit_norm(mlp):
+    """The estimate scales with the vectors' squared norm: 3 v gave 9x the value."""
+    _, params = mlp
+    v = jnp.asarray(V)
+    jac = jax.vmap(jax.jacfwd(lambda z: jax_net(params, z[None])[0]))(JX)  # (B, C, D)
+    want = C * np.mean(np.sum(np.einsum("pnc,ncd->pnd", V, np.asarray(jac)) ** 2, -1))
+    np.testing.assert_allclose(float(P.jacobian_norm(jax_net, params, JX, vectors=v)), want, 1e-5)
+    with pytest.raises(ValueError, match=r"^fgrad\.penalties\.jacobian_norm: each vector must"):
+        P.jacobian_norm(jax_net, params, JX, vectors=3 * v)

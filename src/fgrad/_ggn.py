@@ -149,7 +149,31 @@ def _sampler(loss_fn: Callable, sampler: Callable | None, caller: str) -> Callab
     return known
 
 
+def _check_model(model_fn: Callable, params: Any, x: Any, caller: str) -> jax.ShapeDtypeStruct:
+    """The shape of ``model_fn(params, x)``, which must be one floating-point array with a
+    non-empty leading batch axis."""
+    out = jax.eval_shape(model_fn, params, x)
+    if not isinstance(out, jax.ShapeDtypeStruct) or not jnp.issubdtype(out.dtype, jnp.floating):
+        got = out.dtype if isinstance(out, jax.ShapeDtypeStruct) else jax.tree.structure(out)
+        raise TypeError(
+            f"{caller}: model_fn(params, x) must return one floating-point array of outputs "
+            f"(a leading batch axis), got {got}. Return the logits/predictions alone, as a "
+            "float array."
+        )
+    _check_nonempty(out.shape, caller)
+    return out
+
+
+def _check_nonempty(shape: tuple[int, ...], caller: str) -> None:
+    if shape and shape[0] == 0:
+        raise ValueError(
+            f"{caller}: the batch is empty (outputs of shape {tuple(shape)}); the curvature "
+            "of a mean loss needs at least one example."
+        )
+
+
 def _check_batch(loss_fn: Callable, outputs: Any, y: Any, caller: str) -> None:
+    _check_nonempty(tuple(outputs.shape), caller)
     check = getattr(loss_fn, "check", None)
     if check is not None:
         check(outputs, y, caller)
@@ -184,6 +208,7 @@ class _Linearized:
     linearisation (forward residuals shared by every product)."""
 
     def __init__(self, model_fn: Callable, params: Any, x: Any, caller: str):
+        _check_model(model_fn, params, x, caller)
         f = lambda p: model_fn(p, x)
         if not _has_custom_vjp(jax.make_jaxpr(f)(params).jaxpr):
             out, self.jvp = jax.linearize(f, params)
@@ -228,15 +253,16 @@ def _bcast(s: jax.Array, like: jax.Array) -> jax.Array:
     return s.reshape(s.shape + (1,) * (like.ndim - 1))
 
 
-def _fisher_factors(loss_fn, out, y, kind, key, samples, sampler, caller):
+def _fisher_factors(loss_fn, out, y, kind, key, samples, sampler, caller, arg="kind='mc'"):
     """Output-gradient samples ``(S, N, ...)`` whose outer products, averaged over the
-    samples and examples, give the Fisher in output space."""
+    samples and examples, give the Fisher in output space; ``arg``: the user's argument
+    that chose the Monte Carlo Fisher, for the error without a key."""
     if kind == "empirical":
         return _output_grads(loss_fn, out, y)[None]
     draw = _sampler(loss_fn, sampler, caller)
     if key is None:
         raise TypeError(
-            f"{caller}: kind='mc' draws targets; pass key=jax.random.key(seed) (an explicit "
+            f"{caller}: {arg} draws targets; pass key=jax.random.key(seed) (an explicit "
             "PRNG key, so results are reproducible)."
         )
     samples = _checks.positive_int(samples, "samples", caller)
@@ -267,12 +293,14 @@ def ggn_matvec(model_fn, loss_fn, params, x, y, caller) -> Callable[[Any], Any]:
     return matvec
 
 
-def fisher_matvec(model_fn, loss_fn, params, x, y, kind, key, samples, sampler, caller):
+def fisher_matvec(
+    model_fn, loss_fn, params, x, y, kind, key, samples, sampler, caller, arg="kind='mc'"
+):
     """``v -> F v`` at fixed ``params, x, y`` (and, for "mc", fixed drawn targets)."""
     _check_kind(kind, caller)
     lin = _Linearized(model_fn, params, x, caller)
     _check_batch(loss_fn, lin.out, y, caller)
-    r = _fisher_factors(loss_fn, lin.out, y, kind, key, samples, sampler, caller)
+    r = _fisher_factors(loss_fn, lin.out, y, kind, key, samples, sampler, caller, arg)
     scale = 1.0 / (r.shape[0] * r.shape[1])
 
     def matvec(v):
@@ -521,7 +549,7 @@ def ggn_diagonal(
         samples = _checks.positive_int(samples, "samples", caller)
 
     def one(xb, yb, i):
-        out = jax.eval_shape(model_fn, params, xb)
+        out = _check_model(model_fn, params, xb, caller)
         _check_batch(loss_fn, out, yb, caller)
 
         def example(xn, yn, kn):
@@ -599,7 +627,9 @@ def flat_operator(
         kind = "empirical" if operator == "fisher" else "mc"
         if kind == "mc" and key is not None:
             key = jax.random.fold_in(key, 0x5EED)
-        mv = fisher_matvec(f, loss_fn, params, x, y, kind, key, 1, None, caller)
+        mv = fisher_matvec(
+            f, loss_fn, params, x, y, kind, key, 1, None, caller, "operator='fisher_mc'"
+        )
 
     def matvec(u):
         return ravel_pytree(mv(unravel(u)))[0]

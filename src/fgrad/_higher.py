@@ -110,7 +110,7 @@ def _elementwise_obstacle(g: Callable, x: jax.Array) -> str | None:
     return None
 
 
-def _taylor(g: Callable, order: int, x: jax.Array) -> jax.Array:
+def _taylor(g: Callable, order: int, x: jax.Array, mode: str = "cond") -> jax.Array:
     """Taylor mode; the caller has made sure jet has a rule for every primitive of ``g``
     and that ``x`` has one element or ``g`` acts elementwise on it.
 
@@ -118,15 +118,43 @@ def _taylor(g: Callable, order: int, x: jax.Array) -> jax.Array:
     ``s^k g^(k)(x) / k!``. With ``s = (k!)^(1/k)`` that is ``g^(k)(x)`` up to a factor
     near 1, and every lower coefficient of the input's series is ``s^j / j! >= 1``: no
     ``k!`` is ever formed (it overflows float32 from k = 35) and nothing is scaled
-    towards the denormals (which XLA flushes under ``jit`` but not eagerly)."""
+    towards the denormals (which XLA flushes under ``jit`` but not eagerly).
+
+    Where a derivative exceeds the dtype's range, that series' intermediate coefficients
+    can overflow to ``inf - inf = NaN``. ``mode="unscaled"`` uses ``s = 1`` instead (the
+    coefficients are ``g^(j)(x)/j!``, smaller) and applies ``k!`` in factors that fit the
+    dtype, so such a result overflows to inf, as the docs promise. ``"scaled"``: the first
+    series alone; ``"cond"``: the first, and the second where the first is NaN (under a
+    ``lax.cond``: compiled, but run only then)."""
     log_fact = math.lgamma(order + 1)
     step = math.exp(log_fact / order)
     rescale = math.exp(log_fact - order * math.log(step))  # k!/s^k, ~1, in float64
-    zeros = jnp.zeros_like(x)
-    series = [jnp.full_like(x, step)] + [zeros] * (order - 1)
-    _, out_series = jet.jet(g, (x,), (series,), factorial_scaled=False)
-    ck = out_series[order - 1]
-    dk = ck * jnp.asarray(rescale, jnp.result_type(ck))
+
+    def coefficient(s: float) -> jax.Array:
+        series = [jnp.full_like(x, s)] + [jnp.zeros_like(x)] * (order - 1)
+        _, out_series = jet.jet(g, (x,), (series,), factorial_scaled=False)
+        return out_series[order - 1]
+
+    def unscaled() -> jax.Array:
+        c1 = coefficient(1.0)
+        big = 0.5 * math.log(float(jnp.finfo(jnp.result_type(c1)).max))
+        pieces = max(1, math.ceil(log_fact / big))
+        for _ in range(pieces):
+            c1 = c1 * jnp.asarray(math.exp(log_fact / pieces), jnp.result_type(c1))
+        return c1
+
+    if mode == "unscaled":
+        dk = unscaled()
+    else:
+        ck = coefficient(step)
+        dk = ck * jnp.asarray(rescale, jnp.result_type(ck))
+        if mode == "cond":
+            dk = jax.lax.cond(
+                jnp.any(jnp.isnan(dk)),
+                lambda d: jnp.where(jnp.isnan(d), unscaled(), d),
+                lambda d: d,
+                dk,
+            )
     if x.size == 1:
         return jnp.reshape(jnp.sum(dk), x.shape).astype(x.dtype)
     return jnp.reshape(dk, x.shape).astype(x.dtype)
@@ -277,17 +305,28 @@ def derivative(
             )
         return out
 
-    @functools.partial(jax.jit, static_argnums=(0, 1))
-    def taylor_jit(i: int, k: int, arrays: tuple):
-        return _taylor(lambda xi: checked(*arrays[:i], xi, *arrays[i + 1 :]), k, arrays[i])
+    @functools.partial(jax.jit, static_argnums=(0, 1, 2))
+    def taylor_jit(i: int, k: int, mode: str, arrays: tuple):
+        g = lambda xi: checked(*arrays[:i], xi, *arrays[i + 1 :])
+        return _taylor(g, k, arrays[i], mode)
 
-    def taylor_compiled(i: int, k: int, args: Sequence, g: Callable) -> jax.Array:
+    def taylor_mode(i: int, k: int, args: Sequence, g: Callable, mode: str) -> jax.Array:
         # Compiled rather than op by op: the series has O(k²) small operations, which run
         # eagerly would take minutes. Array arguments go through one cached jit; other
         # arguments (Python numbers, strings) stay as they are, closed over.
         if all(isinstance(a, jax.Array) for a in args):
-            return taylor_jit(i, k, tuple(args))
-        return jax.jit(lambda xi: _taylor(g, k, xi))(args[i])
+            return taylor_jit(i, k, mode, tuple(args))
+        return jax.jit(lambda xi: _taylor(g, k, xi, mode))(args[i])
+
+    def taylor_compiled(i: int, k: int, args: Sequence, g: Callable) -> jax.Array:
+        # Traced (under the user's jit): both series in one program, the second run only
+        # where the first is NaN. Concrete: the second is compiled only when needed.
+        if any(isinstance(a, jax.core.Tracer) for a in args):
+            return taylor_mode(i, k, args, g, "cond")
+        out = taylor_mode(i, k, args, g, "scaled")
+        if bool(jnp.any(jnp.isnan(out))):
+            out = jnp.where(jnp.isnan(out), taylor_mode(i, k, args, g, "unscaled"), out)
+        return out
 
     @functools.wraps(f)
     def wrapped(*args: Any):

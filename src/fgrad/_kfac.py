@@ -38,6 +38,7 @@ import numpy as np
 from fgrad import _checks, _layers
 from fgrad._ggn import (
     _check_batch,
+    _check_model,
     _fisher_factors,
     _loss_sqrt,
     _over_batches,
@@ -287,6 +288,146 @@ def _bias_leaf(layer, keys, shapes, n_out) -> int | None:
     return None
 
 
+_Z_LAYOUT = frozenset({"reshape", "transpose", "convert_element_type", "squeeze", "copy", "copy_p"})
+
+
+class _BiasUses:
+    """Every use of the candidate bias leaves and of the chosen layers' outputs in a traced
+    program: a bias gets the block ``G`` of a layer only if its one use is an ``add`` to
+    that layer's output (through layout operations and broadcasts) and that output is used
+    nowhere else, so the gradient at the sum is the gradient at the layer's output."""
+
+    def __init__(self, layers, candidates: dict[int, int]):
+        self.by_path = {layer.path: layer for layer in layers}
+        self.bvars: dict = {}  # var -> (leaf, chain)
+        self.zvars: dict = {}  # var -> (layer path, chain)
+        self.leaf_uses: dict[int, list] = {b: [] for b in candidates}
+        self.z_uses: dict = {layer.path: 0 for layer in layers}
+
+    def run(self, closed) -> None:
+        for b in self.leaf_uses:
+            self.bvars[closed.jaxpr.invars[b]] = (b, ())
+        self.walk(closed.jaxpr, ())
+
+    def _other(self, bins, zins) -> None:
+        for b in bins:
+            if b:
+                self.leaf_uses[b[0]].append(None)
+        for z in zins:
+            if z:
+                self.z_uses[z[0]] += 2  # never the one allowed use
+
+    def walk(self, jaxpr, prefix) -> None:
+        for i, eqn in enumerate(jaxpr.eqns):
+            path = (*prefix, i)
+            bins = [
+                None if isinstance(v, _layers.jcore.Literal) else self.bvars.get(v)
+                for v in eqn.invars
+            ]
+            zins = [
+                None if isinstance(v, _layers.jcore.Literal) else self.zvars.get(v)
+                for v in eqn.invars
+            ]
+            prim = eqn.primitive.name
+            if path in self.by_path:
+                self.zvars[eqn.outvars[0]] = (path, ())
+            if not any(bins) and not any(zins):
+                continue
+            op = (eqn.primitive, dict(eqn.params))
+            if (
+                len(eqn.invars) == 1
+                and bins[0]
+                and (prim in _Z_LAYOUT or prim == "broadcast_in_dim")
+            ):
+                self.bvars[eqn.outvars[0]] = (bins[0][0], (*bins[0][1], op))
+                continue
+            if len(eqn.invars) == 1 and zins[0] and prim in _Z_LAYOUT:
+                self.zvars[eqn.outvars[0]] = (zins[0][0], (*zins[0][1], op))
+                continue
+            if prim in _layers._CALLS or prim in _layers._REMATS:
+                sub, _ = _layers._open(_layers._sub(eqn))
+                for v, b, z in zip(sub.invars, bins, zins, strict=True):
+                    if b:
+                        self.bvars[v] = b
+                    if z:
+                        self.zvars[v] = z
+                self.walk(sub, (*path, 0))
+                for v, w in zip(sub.outvars, eqn.outvars, strict=True):
+                    if isinstance(v, _layers.jcore.Literal):
+                        continue
+                    if v in self.bvars:
+                        self.bvars[w] = self.bvars[v]
+                    if v in self.zvars:
+                        self.zvars[w] = self.zvars[v]
+                continue
+            if (
+                prim == "add"
+                and len(eqn.invars) == 2
+                and ((bins[0] and zins[1]) or (bins[1] and zins[0]))
+            ):
+                j = 0 if (bins[0] and zins[1]) else 1
+                b, z = bins[j], zins[1 - j]
+                if (
+                    b is not None
+                    and z is not None
+                    and not bins[1 - j]
+                    and not zins[j]
+                    and (tuple(eqn.outvars[0].aval.shape) == tuple(eqn.invars[1 - j].aval.shape))
+                ):
+                    self.leaf_uses[b[0]].append((z[0], z[1], b[1], eqn.outvars[0].aval.shape))
+                    self.z_uses[z[0]] += 1
+                    continue
+            self._other(bins, zins)
+        if not prefix:
+            outs = [v for v in jaxpr.outvars if not isinstance(v, _layers.jcore.Literal)]
+            self._other([self.bvars.get(v) for v in outs], [self.zvars.get(v) for v in outs])
+
+
+def _feature_index(layer: _layers.Layer) -> np.ndarray:
+    """For each entry of the layer's output, the column of ``G`` it belongs to."""
+    shape = tuple(layer.output.shape)
+    if layer.kind == "conv":
+        f = layer.params["dimension_numbers"].out_spec[1]
+        idx = np.arange(shape[f]).reshape([-1 if d == f else 1 for d in range(len(shape))])
+        return np.broadcast_to(idx, shape)
+    _, free = layer._dense_axes()
+    n_w = len(shape) - len(free)  # the weight's free axes
+    if layer.weight_operand == 1:  # (input free..., weight free...)
+        w_shape = shape[len(free) :]
+        idx = np.arange(math.prod(w_shape)).reshape((1,) * len(free) + w_shape)
+    else:  # (weight free..., input free...)
+        w_shape = shape[:n_w]
+        idx = np.arange(math.prod(w_shape)).reshape(w_shape + (1,) * len(free))
+    return np.broadcast_to(idx, shape)
+
+
+def _apply_chain(x: np.ndarray, chain) -> np.ndarray:
+    with jax.ensure_compile_time_eval():
+        y: Any = jnp.asarray(x, jnp.int32)
+        for prim, params in chain:
+            if prim.name != "convert_element_type":
+                y = prim.bind(y, **params)
+        return np.asarray(y)
+
+
+def _added_bias(layer, b: int, n_out: int, uses: _BiasUses) -> bool:
+    """Whether leaf ``b`` is added, entry ``j`` to column ``j`` of ``G``, to the layer's
+    output and used nowhere else, and that output has no other use."""
+    found = uses.leaf_uses.get(b, [])
+    if len(found) != 1 or found[0] is None or uses.z_uses.get(layer.path) != 1:
+        return False
+    zpath, zchain, bchain, shape = found[0]
+    if zpath != layer.path:
+        return False
+    want = _apply_chain(_feature_index(layer), zchain)
+    got = _apply_chain(np.arange(n_out), bchain)
+    try:
+        got = np.broadcast_to(got, tuple(shape))
+    except ValueError:
+        return False
+    return want.shape == got.shape and bool(np.array_equal(want, got))
+
+
 def _select(layers, patterns, caller):
     found = [layer for layer in layers if layer.kind in ("dense", "conv")]
     if patterns is None:
@@ -351,7 +492,10 @@ def kfac(
       samples: targets drawn per example (``fisher="mc"``).
       sampler: ``sampler(key, outputs) -> y`` for a loss fgrad has no rule for.
       bias: give a bias named like a layer's weight (``…weight``/``…kernel`` ->
-        ``…bias``, shape ``(N,)``) the block ``G``.
+        ``…bias``, shape ``(N,)``) the block ``G``, when the traced program adds it
+        (through reshapes and broadcasts) to that layer's output, uses it nowhere else,
+        and uses the layer's output only in that sum; any other bias is left
+        ``uncovered`` (its block would not be ``G``).
       microbatches: average the factors of this many equal micro-batches in one
         ``lax.scan`` (memory of one micro-batch; a sharded batch stays data-parallel).
 
@@ -397,11 +541,11 @@ def kfac(
     shapes = tuple(tuple(jnp.shape(p)) for p in flat_params)
 
     def plan(xb):
-        found, _ = _layers.analyse(model_fn, params, xb)
-        return _select(found.layers, layers, caller), found.other_uses
+        found, closed = _layers.analyse(model_fn, params, xb)
+        return _select(found.layers, layers, caller), found.other_uses, closed
 
     def one(xb, yb, i):
-        chosen, _ = plan(xb)
+        chosen, _, _ = plan(xb)
         if not chosen:
             raise ValueError(f"{caller}: model_fn has no dense or convolution layer on params.")
         n = jax.tree.leaves(xb)[0].shape[0]
@@ -417,7 +561,9 @@ def kfac(
             norm = 1
         else:
             kb = key if i is None or key is None else jax.random.fold_in(key, i)
-            r = _fisher_factors(loss_fn, out, yb, fisher, kb, samples, sampler, caller)
+            r = _fisher_factors(
+                loss_fn, out, yb, fisher, kb, samples, sampler, caller, "fisher='mc'"
+            )
             cols, norm = r, n_cols
         grads = jax.vmap(lambda c: pull(c.astype(out.dtype))[0])(cols)
         result = []
@@ -426,14 +572,24 @@ def kfac(
             result.append(_factors(a_rows, g_rows, approx, norm, signs))
         return result
 
-    chosen, others = plan(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x))
+    x_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
+    _check_batch(loss_fn, _check_model(model_fn, params, x_shapes, caller), y, caller)
+    chosen, others, closed = plan(x_shapes)
     facs = _over_batches(one, x, y, microbatches, caller)
+    cands: dict[int, int] = {}  # layer position -> its named bias leaf
+    for j, (layer, (_, g_f)) in enumerate(zip(chosen, facs, strict=True)):
+        b = _bias_leaf(layer, keys, shapes, g_f.shape[0]) if bias else None
+        if b is not None:
+            cands[j] = b
+    uses = _BiasUses(chosen, {b: j for j, b in cands.items()})
+    if cands:
+        uses.run(closed)
     a_s: list[Any] = []  # None where a bias has no input factor
     g_s: list[Any] = []
     idx_s: list[Any] = []
     leaves: list[int] = []
     paths: list[str] = []
-    for layer, (a_f, g_f) in zip(chosen, facs, strict=True):
+    for j, (layer, (a_f, g_f)) in enumerate(zip(chosen, facs, strict=True)):
         if not layer.exclusive:
             raise ValueError(
                 f"{caller}: the weight {layer.param} is also used outside its layer "
@@ -450,8 +606,8 @@ def kfac(
         idx_s.append(jnp.asarray(_leaf_index(layer, shapes[layer.leaf])))
         leaves.append(layer.leaf)
         paths.append(layer.param)
-        b = _bias_leaf(layer, keys, shapes, g_f.shape[0]) if bias else None
-        if b is not None and b not in leaves:
+        b = cands.get(j)
+        if b is not None and b not in leaves and _added_bias(layer, b, g_f.shape[0], uses):
             a_s.append(None)
             g_s.append(g_f)
             idx_s.append(None)

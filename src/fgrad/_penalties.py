@@ -21,6 +21,7 @@ from typing import Any, Concatenate, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fgrad import _checks
 from fgrad._intermediates import grad_intermediates
@@ -54,6 +55,11 @@ def _batch_of(x: jax.Array, caller: str, name: str = "x") -> int:
     if not hasattr(x, "shape") or jnp.ndim(x) < 1:
         raise ValueError(f"{caller}: {name} must be an array with a leading batch axis.")
     _checks.require_float_tree(x, caller, name)
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{caller}: {name} is an empty batch (shape {tuple(x.shape)}); the penalty is a "
+            "mean over examples and needs at least one."
+        )
     return int(x.shape[0])
 
 
@@ -442,7 +448,8 @@ def jacobian_norm(
       key: PRNG key for the projections (keyword-only).
       projections: the number of random projections (the paper uses 1).
       vectors: the projection vectors themselves, shape ``(projections, batch, C)``, each
-        of unit norm per example, instead of ``key``.
+        of unit norm per example, instead of ``key``. Concrete vectors of another norm are
+        refused; traced vectors (under ``jit``) cannot be checked and must be unit-norm.
 
     Returns:
       A scalar: the estimate of the per-example squared Frobenius norm, averaged.
@@ -484,6 +491,15 @@ def jacobian_norm(
         raise ValueError(
             f"{caller}: vectors must have shape (projections, {n}, {c}), got {jnp.shape(vectors)}."
         )
+    elif not isinstance(vectors, jax.core.Tracer):
+        norms = np.linalg.norm(np.asarray(vectors, np.float64), axis=-1)
+        tol = max(1e-5, 10 * float(jnp.finfo(jnp.result_type(vectors, jnp.float32)).eps))
+        if norms.size and not np.all(np.abs(norms - 1) <= tol):
+            raise ValueError(
+                f"{caller}: each vector must have unit norm per example (the estimate scales "
+                f"with its squared norm), got norms from {norms.min():.6g} to {norms.max():.6g}. "
+                "Divide by jnp.linalg.norm(vectors, axis=-1, keepdims=True)."
+            )
     rows = jax.vmap(lambda v: pullback(v.astype(out.dtype))[0])(vectors)  # (P, n, ...)
     per = jax.vmap(_sq_norm_per_example)(rows)  # (P, n)
     return c * jnp.mean(per)
