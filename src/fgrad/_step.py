@@ -77,10 +77,16 @@ class StepState:
         return f"StepState(inner={self.inner!r}, per_param={self.per_param!r})"
 
 
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
 def _param_shaped(p_tree: Any, p_leaves: list) -> Any:
-    """A predicate: is a subtree of the state shaped like the parameters (a momentum, a
-    moment, an accumulated gradient), ``optax.MaskedNode``/``None`` standing for any
-    parameter?"""
+    """A predicate: is a subtree of the state kept per parameter (a momentum, a moment, an
+    accumulated gradient, adafactor's factored ``v_row``/``v_col``, novograd's per-leaf
+    scalar, sm3's list of per-axis accumulators), i.e. shaped like the parameters' tree
+    with an array (of any shape), or a list of arrays, at each parameter,
+    ``optax.MaskedNode``/``None`` standing for any parameter?"""
     single = p_tree.num_nodes == 1
 
     def check(x: Any) -> bool:
@@ -91,10 +97,16 @@ def _param_shaped(p_tree: Any, p_leaves: list) -> Any:
         for part, p in zip(parts, p_leaves, strict=True):
             if part is None or isinstance(part, optax.MaskedNode):
                 continue
-            if not hasattr(part, "shape") or jnp.shape(part) != jnp.shape(p):
-                return False
-            if single and not jnp.issubdtype(part.dtype, jnp.inexact):
-                return False  # a single scalar parameter is not the step count
+            if not _is_array(part) and not (
+                type(part) in (list, tuple) and all(_is_array(a) for a in part)
+            ):
+                return False  # a subtree (e.g. chain's tuple of states), not a leaf's
+            if single and (
+                not _is_array(part)
+                or jnp.shape(part) != jnp.shape(p)
+                or not jnp.issubdtype(part.dtype, jnp.inexact)
+            ):
+                return False  # a lone parameter: only its own shape tells it from a count
         return True
 
     return check
