@@ -316,4 +316,18 @@ def step(
             out[j] = elems[j] if first is None else new_rests[new_groups[first]][r]
         return p_tree.unflatten(new_p), sdef.unflatten(out)
     state = StepState(sdef.unflatten(out), tuple(new_rests), tuple(new_groups), p_tree)
-    return p_tree.unflatten(new_p), state
+    return p_tree.unflatten(new_p), _unshared(state)
+
+
+def _unshared(tree: Any) -> Any:
+    """``tree`` with no array object at two leaves (a copy at the second), so that the
+    state can be donated (``jax.jit(..., donate_argnums=...)``)."""
+    seen: set[int] = set()
+
+    def one(x: Any) -> Any:
+        if id(x) in seen:
+            return jnp.copy(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(one, tree)
