@@ -72,3 +72,105 @@ def test_state_can_be_donated():
     close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
     jax.tree.map(close, p, ref_p)
     jax.tree.map(close, st, ref_st)
+
+
+def test_schedule_is_global_as_torch_lr_scheduler():
+    """A learning-rate schedule counts optimizer steps, as a torch LR scheduler does: a
+    head first used at step 3 gets step 3's learning rate (SGD + LambdaLR)."""
+    import torch
+
+    p = {"w": jnp.array([1.0, -0.5]), "h": jnp.array([2.0])}
+    opt = optax.sgd(optax.linear_schedule(0.1, 0.0, 4))
+    st = opt.init(p)
+    tw = torch.tensor([1.0, -0.5], requires_grad=True)
+    th = torch.tensor([2.0], requires_grad=True)
+    topt = torch.optim.SGD([tw, th], lr=0.1)
+    tsch = torch.optim.lr_scheduler.LambdaLR(topt, lambda t: max(0.0, 1 - t / 4))
+    for t in range(4):
+        use_h = t >= 2
+        f = lambda q, use_h=use_h: jnp.sum(q["w"] ** 2) + (jnp.sum(q["h"] ** 3) if use_h else 0.0)
+        _, g = fgrad.backward(f, p, grads=fgrad.zero_grad(p))
+        p, st = fgrad.step(opt, p, st, g)
+        loss = (tw**2).sum() + ((th**3).sum() if use_h else 0.0)
+        loss.backward()
+        topt.step()
+        topt.zero_grad()
+        tsch.step()
+    np.testing.assert_allclose(p["w"], tw.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(p["h"], th.detach().numpy(), rtol=1e-6)
+
+
+def test_adam_count_per_parameter_schedule_global():
+    """Adam's bias-correction count stays per parameter (torch's state[p]["step"]) while
+    its learning-rate schedule is global (torch's scheduler), in one optimizer."""
+    import torch
+
+    w0, h0 = np.array([1.0, -0.5], np.float32), np.array([2.0], np.float32)
+    p = {"w": jnp.asarray(w0), "h": jnp.asarray(h0)}
+    opt = optax.adam(optax.linear_schedule(0.1, 0.02, 4))
+    st = opt.init(p)
+    tw = torch.tensor(w0, requires_grad=True)
+    th = torch.tensor(h0, requires_grad=True)
+    topt = torch.optim.Adam([tw, th], lr=0.1)
+    tsch = torch.optim.lr_scheduler.LambdaLR(topt, lambda t: 1 - 0.8 * min(t, 4) / 4)
+    for t in range(4):
+        use_h = t in (1, 3)
+        f = lambda q, use_h=use_h: jnp.sum(q["w"] ** 2) + (jnp.sum(q["h"] ** 3) if use_h else 0.0)
+        _, g = fgrad.backward(f, p, grads=fgrad.zero_grad(p))
+        p, st = fgrad.step(opt, p, st, g)
+        loss = (tw**2).sum() + ((th**3).sum() if use_h else 0.0)
+        loss.backward()
+        topt.step()
+        topt.zero_grad()
+        tsch.step()
+    np.testing.assert_allclose(p["w"], tw.detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(p["h"], th.detach().numpy(), rtol=1e-5)
+    assert [
+        int(c[0]) for c in jax.tree.leaves(st.per_param, is_leaf=lambda x: isinstance(x, tuple))
+    ] == [2, 4]
+
+
+def _torch_window_run(sched, k):
+    import torch
+
+    tw = torch.tensor([1.0, 2.0], requires_grad=True)
+    th = torch.tensor([0.5, -1.0], requires_grad=True)
+    topt = torch.optim.SGD([tw, th], lr=0.1, momentum=0.9)
+    for i, use_h in enumerate(sched):
+        loss = (tw**2).sum() + ((th**3 * tw).sum() if use_h else 0.0)
+        (loss / k).backward()
+        if i % k == k - 1:
+            topt.step()
+            topt.zero_grad()
+    return tw.detach().numpy(), th.detach().numpy()
+
+
+def _fgrad_window_run(sched, k):
+    p = {"w": jnp.array([1.0, 2.0]), "h": jnp.array([0.5, -1.0])}
+    ms = optax.MultiSteps(optax.sgd(0.1, momentum=0.9), every_k_schedule=k)
+    st = ms.init(p)
+    for use_h in sched:
+        f = lambda q, use_h=use_h: (
+            jnp.sum(q["w"] ** 2) + (jnp.sum(q["h"] ** 3 * q["w"]) if use_h else 0.0)
+        )
+        _, g = fgrad.backward(f, p, grads=fgrad.zero_grad(p))
+        p, st = fgrad.step(ms, p, st, g)
+    return p, st
+
+
+def test_multisteps_counts_globally_as_torch_accumulation():
+    """MultiSteps' window counts every micro-step (torch's loop with (loss / k).backward()
+    steps every k iterations): a head used in a later micro-step of the window, or absent
+    for whole windows, matches torch."""
+    sched = [False, True, False, False, True, True]
+    p, _ = _fgrad_window_run(sched, 2)
+    tw, th = _torch_window_run(sched, 2)
+    np.testing.assert_allclose(p["w"], tw, rtol=1e-5)
+    np.testing.assert_allclose(p["h"], th, rtol=1e-5)
+
+
+def test_multisteps_partial_window_refused():
+    """A parameter with a gradient in an earlier micro-step of the window and none later
+    is refused (torch would apply its partial sum; fgrad.step cannot)."""
+    with pytest.raises(ValueError, match=r"fgrad.step: under optax.MultiSteps, params\['h'\]"):
+        _fgrad_window_run([True, False], 2)
