@@ -174,3 +174,24 @@ def test_multisteps_partial_window_refused():
     is refused (torch would apply its partial sum; fgrad.step cannot)."""
     with pytest.raises(ValueError, match=r"fgrad.step: under optax.MultiSteps, params\['h'\]"):
         _fgrad_window_run([True, False], 2)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_injected_hyperparameter_edit_takes_effect(base):
+    """optax's idiom to change a hyperparameter, ``state.hyperparams[name] = value`` on
+    the state step returned (``state.inner`` for a StepState), takes effect."""
+    opt = optax.inject_hyperparams(getattr(optax, base))(learning_rate=0.1)
+    p, st = fgrad.step(opt, P0, opt.init(P0), {"a": GA[0], "b": fgrad.NoGrad()})
+    inner = st.inner if isinstance(st, fgrad._step.StepState) else st
+    inner.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    p2, st = fgrad.step(opt, p, st, {"a": GA[1], "b": jnp.ones(4)})
+    jax.tree.map(np.testing.assert_array_equal, p2, p)  # learning rate 0: no move
+    inner = st.inner if isinstance(st, fgrad._step.StepState) else st
+    inner.hyperparams["learning_rate"] = jnp.asarray(0.05)
+    p3, _ = fgrad.step(opt, p2, st, {"a": GA[2], "b": fgrad.NoGrad()})
+    np.testing.assert_array_equal(p3["b"], p2["b"])
+    if base == "sgd":  # closed form: p - 0.05 g
+        np.testing.assert_allclose(p3["a"], p2["a"] - 0.05 * GA[2], rtol=1e-6)
+    else:  # Adam's step is at most about the learning rate, and not zero
+        step_size = np.abs(np.asarray(p3["a"] - p2["a"]))
+        assert 0 < step_size.max() <= 0.05 * 1.01
