@@ -195,3 +195,35 @@ def test_injected_hyperparameter_edit_takes_effect(base):
     else:  # Adam's step is at most about the learning rate, and not zero
         step_size = np.abs(np.asarray(p3["a"] - p2["a"]))
         assert 0 < step_size.max() <= 0.05 * 1.01
+
+
+def test_update_kwargs_reach_the_optimizer():
+    """optax.polyak_sgd's update needs value=: step passes its extra keyword arguments on
+    (equal to optax on the sub-tree with gradients), and without them says what to do."""
+    opt = optax.polyak_sgd(max_learning_rate=1.0)
+    g = {"a": GA[0], "b": fgrad.NoGrad()}
+    p, _ = fgrad.step(opt, P0, opt.init(P0), g, value=jnp.asarray(0.7))
+    u, _ = opt.update({"a": GA[0]}, opt.init({"a": P0["a"]}), {"a": P0["a"]}, value=0.7)
+    np.testing.assert_allclose(p["a"], P0["a"] + u["a"], rtol=1e-6)
+    np.testing.assert_array_equal(p["b"], P0["b"])
+    with pytest.raises(TypeError, match=r"fgrad.step: .*value=loss"):
+        fgrad.step(opt, P0, opt.init(P0), g)
+
+
+def test_scan_from_init_without_step_counts():
+    """An optimizer without bias-correction counts (SGD with momentum and a schedule)
+    gives optax's own state back even with a NoGrad leaf, so a lax.scan can start from
+    optimizer.init; it equals the eager steps."""
+    opt = optax.sgd(optax.linear_schedule(0.1, 0.0, 4), momentum=0.9)
+    g = {"a": GA[0], "b": fgrad.NoGrad()}
+
+    def body(carry, _):
+        return fgrad.step(opt, *carry, g), None
+
+    (p, st), _ = jax.lax.scan(body, (P0, opt.init(P0)), None, length=3)
+    q, sq = P0, opt.init(P0)
+    for _ in range(3):
+        q, sq = fgrad.step(opt, q, sq, g)
+    np.testing.assert_allclose(p["a"], q["a"], rtol=1e-6)
+    np.testing.assert_array_equal(p["b"], P0["b"])
+    assert jax.tree.structure(st) == jax.tree.structure(opt.init(P0))

@@ -172,6 +172,7 @@ def step(
     grads: PyTree,
     *,
     trainable: Trainable = None,
+    **update_kwargs: Any,
 ) -> tuple[Any, StepState]:
     """``optimizer.step()``: an optax update with ``torch.optim``'s per-parameter rules.
 
@@ -205,20 +206,27 @@ def step(
         ``optax.adam``), or ``optax.MultiSteps``.
       params: the parameters.
       opt_state: ``optimizer.init(params)``, or the `StepState` a previous ``step``
-        returned. (Start a ``lax.scan`` over steps from the state of one ``step``, since
-        the first call turns optax's state into a `StepState`.)
+        returned. (Start a ``lax.scan`` over steps from the state of one ``step``
+        taken before the scan, since that call may turn optax's state into a
+        `StepState`: see Returns and the example.)
       grads: the accumulator (`fgrad.zero_grad`, `fgrad.backward`, `fgrad.accumulate`):
         arrays, ``None`` at frozen leaves, `fgrad.NoGrad` where no loss reached a leaf.
       trainable: optionally, which leaves are trainable (as in `fgrad.zero_grad`); a
         gradient given for a leaf marked frozen is then an error.
+      **update_kwargs: extra keyword arguments of ``optimizer.update``, e.g.
+        ``value=loss`` for ``optax.polyak_sgd``.
 
     Returns:
       ``(params, opt_state)`` after the update. ``opt_state`` is optax's own state (same
       structure, so it can be a ``lax.scan`` carry) while every leaf left out is frozen
-      (``None``): their moving counterparts then share one step count. Once a trainable
-      leaf is left out (`fgrad.NoGrad`), or when given one, it is a `StepState` with
-      per-parameter step counts; in a ``lax.scan`` over steps, start from the state one
-      ``step`` returned for the same pattern of gradients.
+      (``None``), or while the optimizer keeps no per-parameter step count (SGD,
+      schedules, injected hyperparameters): their moving counterparts then share one
+      step count. Once a trainable leaf is left out (`fgrad.NoGrad`) under an optimizer
+      with bias-correction counts or ``MultiSteps``, or when given one, it is a
+      `StepState` with per-parameter step counts; a ``lax.scan`` carry that starts from
+      ``optimizer.init(params)`` then fails with JAX's "scan body function carry
+      input and carry output must have equal types": start the scan from the state one
+      ``step`` returned for the same pattern of gradients instead (last example).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -236,6 +244,18 @@ def step(
       >>> _, state = fgrad.step(opt, new, state, grads)
       >>> int(state.per_param["w"][0])  # w's own Adam step count did not advance
       1
+
+      A ``lax.scan`` over steps starts from the state of a step taken before it with
+      the same pattern of gradients:
+
+      >>> import jax
+      >>> g = {"frozen": None, "w": jnp.array([1.0, -1.0])}
+      >>> def body(carry, _):
+      ...     return fgrad.step(opt, *carry, g), None
+      >>> carry = fgrad.step(opt, new, state, g)
+      >>> (p, s), _ = jax.lax.scan(body, carry, None, length=3)
+      >>> int(s.per_param["w"][0])  # 1 + 1 + 3
+      5
     """
     caller = "fgrad.step"
     _check_optimizer(optimizer, caller)
@@ -302,11 +322,24 @@ def step(
         # optax's own arithmetic (e.g. Adam's bias correction, a Python float to the
         # power of an int32 count) needs standard promotion, even where the caller is strict.
         with jax.numpy_dtype_promotion("standard"):
-            updates, new_inner = optimizer.update(
-                g_in if on is present else masked(g_in_leaves, on),
-                sdef.unflatten(e),
-                p_in if on is present else masked(p_leaves, on),
-            )
+            try:
+                updates, new_inner = optimizer.update(
+                    g_in if on is present else masked(g_in_leaves, on),
+                    sdef.unflatten(e),
+                    p_in if on is present else masked(p_leaves, on),
+                    **update_kwargs,
+                )
+            except TypeError as err:
+                if "argument" not in str(err):
+                    raise
+                raise TypeError(
+                    f"{caller}: optimizer.update(grads, state, params"
+                    + "".join(f", {k}=..." for k in update_kwargs)
+                    + f") failed: {err}. An optimizer whose update needs more arguments "
+                    "(e.g. optax.polyak_sgd's value=loss) gets them as keyword arguments "
+                    "of fgrad.step: fgrad.step(optimizer, params, opt_state, grads, "
+                    "value=loss)."
+                ) from err
         n_elems, n_def = jax.tree.flatten(new_inner, is_leaf=shaped)
         if n_def != sdef:
             raise ValueError(
@@ -366,7 +399,11 @@ def step(
             out[j] = elems[j] if first is None else new_rests[new_groups[first]][r]
         return p_tree.unflatten(new_p), _unshared(sdef.unflatten(out))
     state = StepState(
-        sdef.unflatten(out), tuple(new_rests), tuple(new_groups), p_tree, tuple(present)
+        sdef.unflatten(out),
+        tuple(new_rests),
+        tuple(new_groups),
+        p_tree,
+        tuple(present) if multisteps else None,
     )
     return p_tree.unflatten(new_p), _unshared(state)
 
