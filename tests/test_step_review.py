@@ -227,3 +227,27 @@ def test_scan_from_init_without_step_counts():
     np.testing.assert_allclose(p["a"], q["a"], rtol=1e-6)
     np.testing.assert_array_equal(p["b"], P0["b"])
     assert jax.tree.structure(st) == jax.tree.structure(opt.init(P0))
+
+
+LATE = {
+    # no update clipping or parameter scaling, which would hide the decay rate
+    "adafactor": lambda: optax.adafactor(
+        0.1, clipping_threshold=None, multiply_by_parameter_scale=False
+    ),
+    "novograd": lambda: optax.novograd(0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LATE))
+def test_late_head_gets_its_first_step(name):
+    """Adafactor's decay-rate count and novograd's bias-correction count are per
+    parameter (torch.optim.Adafactor's state[p]["step"]): a head first used at step 3
+    moves as the optimizer's first step on it alone."""
+    opt = LATE[name]()
+    p, st = P0, opt.init(P0)
+    for t in range(2):
+        p, st = fgrad.step(opt, p, st, {"a": GA[t], "b": fgrad.NoGrad()})
+    gb = jnp.array([0.3, -1.0, 2.0, 0.1])
+    p, st = fgrad.step(opt, p, st, {"a": GA[2], "b": gb})
+    u, _ = opt.update({"b": gb}, opt.init({"b": P0["b"]}), {"b": P0["b"]})
+    np.testing.assert_allclose(p["b"], P0["b"] + u["b"], rtol=1e-6)

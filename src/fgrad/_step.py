@@ -412,7 +412,9 @@ def _is_step_count(inner: Any, path: tuple) -> bool:
     """Is the state leaf at ``path`` a bias-correction step count, which torch.optim keeps
     per parameter (``state[p]["step"]`` of Adam, AdamW, NAdam, RAdam, RMSprop, ...): the
     ``count`` of a NamedTuple that also holds a second moment ``nu`` (optax's
-    ScaleByAdamState, ScaleByAmsgradState, ScaleByBeliefState, ...)?"""
+    ScaleByAdamState, ScaleByAmsgradState, ScaleByBeliefState, ...) or adafactor's
+    factored one ``v_row`` (its decay rate follows the step, per parameter in
+    ``torch.optim.Adafactor``)?"""
     if not path or not isinstance(path[-1], jax.tree_util.GetAttrKey):
         return False
     if path[-1].name != "count":
@@ -428,7 +430,7 @@ def _is_step_count(inner: Any, path: tuple) -> bool:
         else:
             return False
     fields = getattr(node, "_fields", ())
-    return "count" in fields and "nu" in fields
+    return "count" in fields and ("nu" in fields or "v_row" in fields)
 
 
 def _check_multisteps(
