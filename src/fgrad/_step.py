@@ -29,6 +29,7 @@ any optax optimizer, wrappers included:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -192,8 +193,8 @@ def step(
     micro-batches) is global and advances every step. Under ``MultiSteps`` a parameter
     may gain a gradient mid-window (it then gets the window's sum over ``k``, as torch's
     ``(loss / k).backward()``), but one that had a gradient in an earlier micro-step of
-    the window and has none later is refused with an error (under ``jit``: whenever it
-    loses its gradient between two steps): accumulate with `fgrad.backward` instead.
+    the window and has none later is refused with an error (under ``jit``, raised when
+    the step runs): accumulate with `fgrad.backward` instead.
 
     Complex parameters: with PyTorch's ``.grad`` (`fgrad.backward`'s), optax's SGD (with
     momentum) equals ``torch.optim.SGD``. Adam differs between the two: optax's second
@@ -452,21 +453,24 @@ def _check_multisteps(
     if not dropped:
         return True
     mini = found[0].mini_step
-    if not isinstance(mini, jax.core.Tracer) and int(mini) == 0:
-        return True  # a new window starts: the accumulated gradients were just applied
-    raise ValueError(
+    message = (
         f"{caller}: under optax.MultiSteps, params{', params'.join(dropped)} had a "
-        "gradient in the previous micro-step and none in this one "
-        + (
-            "while the accumulation window is not over"
-            if not isinstance(mini, jax.core.Tracer)
-            else "(under jit fgrad.step cannot see whether a new window starts)"
-        )
-        + ". torch.optim would apply such a parameter's partial sum at the window's end; "
-        "fgrad.step does not. Accumulate the window's gradients with fgrad.backward "
-        "(loss / k, into one accumulator) and call fgrad.step with the plain optimizer "
-        "once per window instead."
+        "gradient in the previous micro-step and none in this one while the accumulation "
+        "window is not over. torch.optim would apply such a parameter's partial sum at "
+        "the window's end; fgrad.step does not. Accumulate the window's gradients with "
+        "fgrad.backward (loss / k, into one accumulator) and call fgrad.step with the "
+        "plain optimizer once per window instead."
     )
+    if isinstance(mini, jax.core.Tracer):  # under jit: checked when the step runs
+        jax.debug.callback(functools.partial(_refuse_mid_window, message), mini)
+    else:
+        _refuse_mid_window(message, mini)
+    return True
+
+
+def _refuse_mid_window(message: str, mini_step: Any) -> None:
+    if int(mini_step) != 0:  # 0: a new window starts, the sums were just applied
+        raise ValueError(message)
 
 
 def _unshared(tree: Any) -> Any:
