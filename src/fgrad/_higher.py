@@ -324,6 +324,8 @@ def derivative(
         if any(isinstance(a, jax.core.Tracer) for a in args):
             return taylor_mode(i, k, args, g, "cond")
         out = taylor_mode(i, k, args, g, "scaled")
+        if isinstance(out, jax.core.Tracer):  # concrete arguments, but inside an outer
+            return taylor_mode(i, k, args, g, "cond")  # trace (a scan body): staged too
         if bool(jnp.any(jnp.isnan(out))):
             out = jnp.where(jnp.isnan(out), taylor_mode(i, k, args, g, "unscaled"), out)
         return out
