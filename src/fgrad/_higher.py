@@ -102,8 +102,9 @@ def _elementwise_obstacle(g: Callable, x: jax.Array) -> str | None:
     function of ``x_j`` alone), decided from its traced program; else why not."""
     closed = jax.make_jaxpr(g)(x)
     (out,) = closed.jaxpr.outvars
-    if tuple(out.aval.shape) != tuple(x.shape):
-        return f"its output has shape {tuple(out.aval.shape)}, the argument {tuple(x.shape)}"
+    out_shape = tuple(getattr(out.aval, "shape", ()))  # a ShapedArray: typed as AbstractValue
+    if out_shape != tuple(x.shape):
+        return f"its output has shape {out_shape}, the argument {tuple(x.shape)}"
     (state,), bad = _not_elementwise(closed.jaxpr, [_ALIGNED], tuple(x.shape))
     if state == _OTHER:
         return f"it mixes elements of the argument (`{bad}` in its program)"

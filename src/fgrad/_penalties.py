@@ -497,7 +497,8 @@ def jacobian_norm(
         if norms.size and not np.all(np.abs(norms - 1) <= tol):
             raise ValueError(
                 f"{caller}: each vector must have unit norm per example (the estimate scales "
-                f"with its squared norm), got norms from {norms.min():.6g} to {norms.max():.6g}. "
+                f"with its squared norm), got norms from {np.min(norms):.6g} to "
+                f"{np.max(norms):.6g}. "
                 "Divide by jnp.linalg.norm(vectors, axis=-1, keepdims=True)."
             )
     rows = jax.vmap(lambda v: pullback(v.astype(out.dtype))[0])(vectors)  # (P, n, ...)
