@@ -41,14 +41,11 @@ def _plan(n: int, microbatches: int | None, microbatch_size: int | None, caller:
     if (microbatches is None) == (microbatch_size is None):
         raise TypeError(f"{caller}: pass exactly one of microbatches= or microbatch_size=.")
     if microbatches is not None:
-        _checks.positive_int(microbatches, "microbatches", caller)
-        if n % microbatches:
-            raise ValueError(
-                f"{caller}: a batch of {n} cannot be split into {microbatches} equal "
-                f"micro-batches. Pick a divisor of {n}, or pass microbatch_size= (the last "
-                "micro-batch is then smaller, and weighted exactly)."
-            )
-        return microbatches, n // microbatches, 0
+        hint = (
+            ", or pass microbatch_size= (the last micro-batch is then smaller, and weighted "
+            "exactly)"
+        )
+        return microbatches, _checks.equal_split(n, microbatches, caller, hint), 0
     m = microbatch_size
     if not _checks.is_int(m) or not 1 <= m <= n:
         raise ValueError(

@@ -244,3 +244,16 @@ def refuse_shared_nnx(tree: Any, caller: str) -> None:
                 "nnx.merge(graphdef, state) inside the function (nnx keeps the sharing); "
                 "apply fgrad.tap_nnx inside the function to the merged model."
             )
+
+
+def equal_split(n: int, microbatches: Any, caller: str, hint: str = "") -> int:
+    """The size of each of ``microbatches`` equal micro-batches of a batch of ``n``; a
+    ValueError naming ``caller`` if ``microbatches`` is not a positive int or does not
+    divide ``n`` (``hint``: what else the caller accepts)."""
+    positive_int(microbatches, "microbatches", caller)
+    if n % microbatches:
+        raise ValueError(
+            f"{caller}: a batch of {n} cannot be split into {microbatches} equal "
+            f"micro-batches. Pick a divisor of {n}{hint}."
+        )
+    return n // microbatches

@@ -320,10 +320,8 @@ def _over_batches(fn: Callable, x: Any, y: Any, microbatches: int | None, caller
     the whole batch. ``i`` is the micro-batch's position (None: the whole batch)."""
     if microbatches is None:
         return fn(x, y, None)
-    from fgrad._accumulate import _plan
-
     n = _checks.batch_size((x, y), caller)
-    k, m, _ = _plan(n, microbatches, None, caller)
+    k, m = microbatches, _checks.equal_split(n, microbatches, caller)
     split = jax.tree.map(lambda a: jnp.reshape(a, (m, k, *a.shape[1:])), (x, y))
 
     def body(acc, i):

@@ -484,13 +484,7 @@ def _microbatched(fn, batch, microbatches: int | None, caller: str, *, reduce: b
     if microbatches is None:
         return fn(batch)
     n = _checks.batch_size(batch, caller)
-    _checks.positive_int(microbatches, "microbatches", caller)
-    if n % microbatches:
-        raise ValueError(
-            f"{caller}: a batch of {n} cannot be split into {microbatches} equal micro-batches; "
-            f"pick a divisor of {n}."
-        )
-    m = n // microbatches
+    m = _checks.equal_split(n, microbatches, caller)
     split = jax.tree.map(lambda x: x.reshape(microbatches, m, *x.shape[1:]), batch)
     if not reduce:
         out = jax.lax.map(fn, split)
