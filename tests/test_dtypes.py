@@ -106,6 +106,7 @@ CASES = {
     "derivative": lambda p, x: fgrad.derivative(jnp.sin, 3)(x),
     "derivative_nested": lambda p, x: fgrad.derivative(lambda v: jnp.sum(v * p["b"][0]) ** 2, 2)(x),
     "hvp": lambda p, x: fgrad.hvp(loss, p, p, x),
+    "linearize_grad": lambda p, x: (lambda g, hv: (g, hv(p)))(*fgrad.linearize_grad(loss, p, x)),
     "hessian": lambda p, x: fgrad.hessian(loss)(p, x),
     "hessian_diagonal": lambda p, x: C.hessian_diagonal(loss, p, x),
     "hessian_diagonal_hutchinson": lambda p, x: C.hessian_diagonal(
@@ -137,7 +138,7 @@ CASES = {
 # bfloat16 makes no sense for: a Taylor series or a nested derivative at 8 bits of mantissa
 # compared with anything, and Hessians built from bfloat16 HVPs; the estimators convert
 # (tested in test_curvature). Everything else must run in bfloat16 and return bfloat16.
-NO_BF16 = {"derivative", "derivative_nested", "hessian", "hvp"}
+NO_BF16 = {"derivative", "derivative_nested", "hessian", "hvp", "linearize_grad"}
 
 
 def _inputs(dtype):

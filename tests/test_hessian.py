@@ -195,3 +195,133 @@ def test_hvp_of_python_floats_both_methods():
         np.testing.assert_allclose(got, want, rtol=1e-6)
     got = fgrad.hvp(lambda w: jnp.sin(ident(w)), 1.0, 1.0)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# --- linearize_grad: the gradient and the Hessian as a function ------------------------------
+
+
+def test_linearize_grad_matches_torch_gradient_and_hvp(mlp):
+    ps, x, y, v, params, args = mlp
+    f_t = torch_mlp_fn(x, y)
+    leaves = [p.detach().clone().requires_grad_() for p in ps]
+    expected_g = torch.autograd.grad(f_t(*leaves), leaves)
+    _, expected_hv = torch.autograd.functional.hvp(f_t, tuple(ps), tuple(v))
+    vj = [from_torch(t) for t in v]
+    for method in ("auto", "forward_over_reverse", "reverse_over_reverse"):
+        # the linear map leaves jit as a pytree and is applied in another jit
+        g, hv_fn = jax.jit(
+            lambda p, method=method: fgrad.linearize_grad(jax_mlp_fn, p, *args, method=method)
+        )(params)
+        assert_tree_allclose(g, list(expected_g), rtol=1e-5, atol=1e-6)
+        hv = jax.jit(lambda h, t: h(t))(hv_fn, vj)
+        assert_tree_allclose(hv, list(expected_hv), rtol=1e-4, atol=1e-5)
+        scratch = fgrad.hvp(jax_mlp_fn, params, vj, *args)
+        assert_tree_allclose(hv_fn(vj), scratch, rtol=1e-5, atol=1e-6)
+
+
+def test_linearize_grad_in_a_newton_cg_loop_against_a_dense_float64_solve():
+    """Newton's direction H⁻¹g of an L2-regularised logistic regression by conjugate
+    gradients in a lax.while_loop, one linearisation for every product, against
+    numpy's solve of the dense float64 Hessian."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        xs, ys = jnp.asarray(rng.normal(size=(40, 5))), jnp.asarray(rng.integers(0, 2, 40) * 1.0)
+        p = {"w": jnp.asarray(rng.normal(size=5)), "b": jnp.asarray(0.3)}
+
+        def loss(p, x, y):
+            z = x @ p["w"] + p["b"]
+            l2 = 0.1 * (jnp.sum(p["w"] ** 2) + p["b"] ** 2)
+            return jnp.mean(jax.nn.softplus(z) - y * z) + l2
+
+        @jax.jit
+        def newton_direction(p):
+            g, hvp = fgrad.linearize_grad(loss, p, xs, ys)
+            dot = lambda a, b: sum(jnp.vdot(u, w) for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+            axpy = lambda s, a, b: jax.tree.map(lambda u, w: s * u + w, a, b)
+
+            def body(c):
+                d, r, q, rr, k = c
+                hq = hvp(q)
+                alpha = rr / dot(q, hq)
+                d, r = axpy(alpha, q, d), axpy(-alpha, hq, r)
+                rr_new = dot(r, r)
+                return d, r, axpy(rr_new / rr, q, r), rr_new, k + 1
+
+            zero = jax.tree.map(jnp.zeros_like, g)
+            init = (zero, g, g, dot(g, g), 0)
+            d, *_ = jax.lax.while_loop(lambda c: (c[3] > 1e-28) & (c[4] < 20), body, init)
+            return g, d
+
+        g, d = newton_direction(p)
+        flat = lambda t: np.concatenate([np.ravel(t["b"]), np.ravel(t["w"])])
+        unflat = lambda a: {"b": jnp.asarray(a[0]), "w": jnp.asarray(a[1:])}
+        dense = jax.hessian(lambda a: loss(unflat(a), xs, ys))(jnp.asarray(flat(p)))
+        np.testing.assert_allclose(flat(d), np.linalg.solve(np.asarray(dense), flat(g)), rtol=1e-10)
+        assert d["w"].dtype == jnp.float64
+
+
+def test_linearize_grad_falls_back_where_a_custom_vjp_forbids_forward_mode():
+    @jax.custom_vjp
+    def inner(x):
+        return jnp.cos(x)
+
+    inner.defvjp(lambda x: (jnp.cos(x), x), lambda x, g: (-g * jnp.sin(x),))
+
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * inner(x),))
+    loss = lambda p: jnp.sum(f(p))
+    p, v = jnp.array([0.3, 1.2]), jnp.array([1.0, -2.0])
+    with pytest.raises(TypeError, match="forward-mode"):
+        fgrad.linearize_grad(loss, p, method="forward_over_reverse")
+    g, hvp = fgrad.linearize_grad(loss, p)
+    assert_tree_allclose(g, jnp.cos(p))
+    assert_tree_allclose(hvp(v), -jnp.sin(p) * v)
+    # Python floats, each method: f = sin at 1, v = 1
+    for method in ("forward_over_reverse", "reverse_over_reverse", "auto"):
+        g, hvp = fgrad.linearize_grad(lambda w: jnp.sin(w), 1.0, method=method)
+        np.testing.assert_allclose([g, hvp(1.0)], [np.cos(1.0), -np.sin(1.0)], rtol=1e-6)
+
+
+def test_linearize_grad_errors():
+    p = {"a": jnp.ones(2), "b": jnp.ones(())}
+    f = lambda p: jnp.sum(p["a"] ** 2) * p["b"]
+    _, hvp = fgrad.linearize_grad(f, p)
+    with pytest.raises(ValueError, match=r"fgrad\.linearize_grad: hvp\(v\): .*v\['b'\] is missing"):
+        hvp({"a": jnp.ones(2)})
+    with pytest.raises(ValueError, match=r"linearize_grad: hvp\(v\): .*v\['a'\] has shape \(3,\)"):
+        jax.jit(lambda h, t: h(t))(hvp, {"a": jnp.ones(3), "b": jnp.ones(())})
+    with pytest.raises(ValueError, match=r"fgrad\.linearize_grad: method must be one of"):
+        fgrad.linearize_grad(f, p, method="fwd")
+    with pytest.raises(TypeError, match=r"fgrad\.linearize_grad: params .*floating"):
+        fgrad.linearize_grad(lambda n: jnp.sum(n**2), jnp.arange(3))
+    with pytest.raises(TypeError, match=r"fgrad\.linearize_grad: .*must return a scalar"):
+        fgrad.linearize_grad(lambda p: p["a"] * p["b"], p)
+
+
+def test_curvature_estimators_linearize_once():
+    """Every estimator's products share one linearisation: the Lanczos loop of
+    hessian_eigenvalues holds only the tangent half of an HVP; the forward pass (its tanh)
+    runs once, before the loop, where a JVP of the gradient would run it in every step."""
+    from jax.extend.core import jaxprs_in_params
+
+    params = [jnp.ones((4, 3)), jnp.ones(4), jnp.ones((2, 4)), jnp.ones(2)]
+    x, y = jnp.ones((6, 3)), jnp.ones((6, 2))
+    f = lambda p: jax_mlp_fn(p, x, y)
+
+    def count(jaxpr, name):
+        n = sum(e.primitive.name == name for e in jaxpr.eqns)
+        return n + sum(count(s, name) for e in jaxpr.eqns for s in jaxprs_in_params(e.params))
+
+    def in_loops(jaxpr, name):
+        loops = [e for e in jaxpr.eqns if e.primitive.name in ("scan", "while")]
+        assert loops
+        return sum(count(s, name) for e in loops for s in jaxprs_in_params(e.params))
+
+    assert count(jax.make_jaxpr(lambda p: jax.jvp(jax.grad(f), (p,), (p,)))(params).jaxpr, "tanh")
+    eig = lambda p: fgrad.curvature.hessian_eigenvalues(f, p, key=jax.random.key(0), iterations=5)
+    jaxpr = jax.make_jaxpr(eig)(params).jaxpr
+    assert count(jaxpr, "tanh") > 0 and in_loops(jaxpr, "tanh") == 0
+    assert in_loops(jaxpr, "dot_general") > 0  # the products are in the loop

@@ -102,6 +102,9 @@ CASES: dict[str, Case] = {
         lambda p, x: fgrad.derivative(lambda t: jnp.sin(t) * t, 4, method="taylor")(p["b"])
     ),
     "hvp": Case(lambda p, x: fgrad.hvp(lambda q: _loss(q, x), p, p)),
+    "linearize_grad": Case(
+        lambda p, x: (lambda g, hv: (g, hv(p)))(*fgrad.linearize_grad(_loss, p, x))
+    ),
     "hessian": Case(lambda p, x: fgrad.hessian(lambda b: _loss({**p, "b": b}, x))(p["b"])),
     "hessian_diagonal": Case(
         lambda p, x: fgrad.curvature.hessian_diagonal(_loss, p, x, method="exact")

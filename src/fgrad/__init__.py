@@ -17,6 +17,7 @@ from fgrad._grads import torch_grads as torch_grads
 from fgrad._grads import zero_grad as zero_grad
 from fgrad._hessian import hessian as hessian
 from fgrad._hessian import hvp as hvp
+from fgrad._hessian import linearize_grad as linearize_grad
 from fgrad._higher import derivative as derivative
 from fgrad._hooks import with_hooks as with_hooks
 from fgrad._intermediates import grad_intermediates as grad_intermediates
@@ -40,6 +41,7 @@ __all__ = [
     "hessian",
     "hvp",
     "intermediates",
+    "linearize_grad",
     "models",
     "penalties",
     "per_example",

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from fgrad import _checks
+from fgrad._hessian import calls_custom_vjp, flat_hvp
 
 _KINDS = ("empirical", "mc")
 OPERATORS = ("hessian", "ggn", "fisher", "fisher_mc")
@@ -189,20 +190,6 @@ def _check_batch(loss_fn: Callable, outputs: Any, y: Any, caller: str) -> None:
 # --- the linearised model --------------------------------------------------------------------
 
 
-def _has_custom_vjp(jaxpr) -> bool:
-    """Whether a ``jax.custom_vjp`` function (which refuses forward mode) is called
-    anywhere in ``jaxpr``, sub-programs included."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name.startswith("custom_vjp"):
-            return True
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _has_custom_vjp(inner):
-                    return True
-    return False
-
-
 class _Linearized:
     """``outputs``, ``J v`` and ``Jᵀ u`` of ``model_fn(·, x)`` at ``params``, from one
     linearisation (forward residuals shared by every product)."""
@@ -210,7 +197,7 @@ class _Linearized:
     def __init__(self, model_fn: Callable, params: Any, x: Any, caller: str):
         _check_model(model_fn, params, x, caller)
         f = lambda p: model_fn(p, x)
-        if not _has_custom_vjp(jax.make_jaxpr(f)(params).jaxpr):
+        if not calls_custom_vjp(jax.make_jaxpr(f)(params).jaxpr):
             out, self.jvp = jax.linearize(f, params)
             self._vjp = jax.linear_transpose(self.jvp, params)
         else:  # a custom_vjp refuses forward mode: the JVP is the transpose of the VJP
@@ -596,8 +583,6 @@ def flat_operator(
     """``(matvec, flat, unravel)`` over the raveled parameters for the chosen curvature:
     ``"hessian"`` of ``f(params, *batch)``; ``"ggn"``, ``"fisher"`` (empirical) or
     ``"fisher_mc"`` of ``model_fn=f`` with ``loss_fn`` and ``batch=(x, y)``."""
-    from fgrad._hessian import flat_hvp
-
     if operator == "hessian":
         if loss_fn is not None:
             raise TypeError(

@@ -24,7 +24,7 @@ OP_MODULES = (
 
 # The large suite (sized for a GPU) times fewer operations, on its own workloads only: the
 # gradient (against torch.compile too), the accumulation loop, a penalty and the HVP.
-LARGE_OPS = ("grad", "microbatch", "input_gradient", "hvp")
+LARGE_OPS = ("grad", "microbatch", "input_gradient", "hvp", "hvp_linearized")
 
 
 class Unsupported(Exception):

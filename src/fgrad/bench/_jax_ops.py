@@ -187,6 +187,20 @@ def hvp(impl: str, w: Workload) -> tuple[Callable, tuple]:
     return jax.jit(f), (params, v, batch)
 
 
+def hvp_linearized(impl: str, w: Workload) -> tuple[Callable, tuple]:
+    """One product with the Hessian once linearised (`fgrad.linearize_grad`; by hand,
+    ``jax.linearize`` of ``jax.grad``): the cost per product of an iterative solver, the
+    forward and backward passes computed beforehand and not timed."""
+    params, batch, _, _, _, plain = _setup(w)
+    v = jax.tree.map(lambda a: jnp.full_like(a, 0.01), params)
+    if impl == "fgrad":
+        lin = jax.jit(lambda p, b: fgrad.linearize_grad(plain, p, b)[1])(params, batch)
+    else:
+        by_hand = lambda p, b: jax.linearize(lambda q: jax.grad(plain)(q, b), p)[1]
+        lin = jax.jit(by_hand)(params, batch)
+    return jax.jit(lambda hv, t: hv(t)), (lin, v)
+
+
 def hessian(impl: str, w: Workload) -> tuple[Callable, tuple]:
     params, batch, _, _, _, plain = _setup(w)
     if impl == "fgrad":
@@ -225,6 +239,7 @@ JAX: dict[str, dict[str, Callable]] = {
     "input_gradient": dict.fromkeys(_BOTH, input_gradient),
     "wgan_gp": dict.fromkeys(_BOTH, wgan_gp),
     "hvp": dict.fromkeys(_BOTH, hvp),
+    "hvp_linearized": dict.fromkeys(_BOTH, hvp_linearized),
     "hessian": dict.fromkeys(_BOTH, hessian),
     "derivative8": dict.fromkeys(("fgrad", "fgrad-nested", "jax"), derivative8),
 }
@@ -239,6 +254,7 @@ APPLIES = {
     "input_gradient": _every,
     "wgan_gp": _every,
     "hvp": _every,
+    "hvp_linearized": _every,
     "hessian": lambda w: _n_params(w) <= MAX_HESSIAN_PARAMS,  # dense: small models only
     "derivative8": lambda w: False,  # on its own workload only
 }

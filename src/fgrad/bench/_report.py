@@ -56,11 +56,12 @@ def add_derived(report: dict) -> None:
         for c in report["cases"]
         if c.get("status") == "ok"
     }
-    report["hvp_over_grad"] = {
-        f"{w}/{impl}": times[(w, "hvp", impl)] / times[(w, "grad", impl)]
-        for (w, op, impl) in times
-        if op == "hvp" and (w, "grad", impl) in times
-    }
+    for op, key in (("hvp", "hvp_over_grad"), ("hvp_linearized", "hvp_linearized_over_grad")):
+        report[key] = {
+            f"{w}/{impl}": times[(w, op, impl)] / times[(w, "grad", impl)]
+            for (w, o, impl) in times
+            if o == op and (w, "grad", impl) in times
+        }
 
 
 def _fmt_time(c: dict | None) -> str:
