@@ -277,6 +277,32 @@ def test_a_loss_with_negative_output_curvature_keeps_it():
         np.testing.assert_allclose(k.dense(), h, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("loss", "target"),
+    [
+        (CE, np.int64(2)),  # a label
+        (CE, np.array([0.2, 0.0, 0.5, 0.3])),  # class probabilities
+        (CE, np.array([0.4, -0.3, 0.5, 0.9])),  # weights summing to 1.5, one negative
+        (CE, np.array([-0.4, 0.1, -0.2, 0.0])),  # summing below zero: a concave loss
+        (MSE, np.array([[0.3, -1.0], [2.0, 0.5]])),  # an example with 2x2 outputs
+    ],
+)
+def test_closed_form_loss_hessian_roots_equal_the_dense_hessian(loss, target):
+    """fgrad's losses give their per-example output Hessian's root in closed form (no
+    eigendecomposition per example): S diag(signs) Sᵀ equals the dense float64 Hessian of
+    the loss of a batch of one (jax.hessian)."""
+    from fgrad._ggn import _loss_sqrt
+
+    o = jnp.array([0.3, -1.2, 2.0, 0.1]).reshape(np.shape(target) or (4,))
+    t = jnp.asarray(target)
+    root, signs = _loss_sqrt(loss, o, t)
+    flat, unravel = ravel_pytree(o)
+    dense = jax.hessian(lambda f: loss(unravel(f)[None], t[None]))(flat)
+    np.testing.assert_allclose((root * signs) @ root.T, dense, rtol=1e-12, atol=1e-14)
+    generic = _loss_sqrt(lambda a, b: loss(a, b), o, t)  # any other callable: eigh
+    np.testing.assert_allclose((generic[0] * generic[1]) @ generic[0].T, dense, atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def mlp_problem():
     with jax.enable_x64(True):

@@ -4,6 +4,9 @@ to compose an exact Hessian-vector product, and their times in interleaved round
     forward-over-reverse  jvp of grad            (fgrad.hvp's default)
     reverse-over-reverse  grad of <grad f, v>
     reverse-over-forward  grad of jvp(f)(v)
+    linearized            one product of fgrad.linearize_grad's hvp (the forward and
+                          backward passes done beforehand: the cost per product when
+                          many products share one Hessian)
 
 Times are the process's CPU time (run it single-threaded: the machine may be shared).
 Evidence for the README's HVP paragraph: the FLOP ratio HVP / gradient is what no choice
@@ -23,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import fgrad
 from fgrad.bench import _jax_ops
 from fgrad.bench._workloads import workloads
 
@@ -36,6 +40,7 @@ def compositions(w):
     loss = _jax_ops._losses(w)[0]
     f = lambda p, b: loss(p, b, _jax_ops._identity_tap)
     v = jax.tree.map(lambda a: jnp.full_like(a, 0.01), params)
+    hvp_lin = jax.jit(lambda p, b: fgrad.linearize_grad(f, p, b)[1])(params, batch)
     fns = {
         "grad": lambda p, t, b: jax.grad(f)(p, b),
         "forward_over_reverse": lambda p, t, b: jax.jvp(lambda q: jax.grad(f)(q, b), (p,), (t,))[1],
@@ -44,13 +49,16 @@ def compositions(w):
             lambda q: jax.jvp(lambda r: f(r, b), (q,), (t,))[1]
         )(p),
     }
-    return {k: jax.jit(g) for k, g in fns.items()}, (params, v, batch)
+    args = (params, v, batch)
+    out = {k: (jax.jit(g), args) for k, g in fns.items()}
+    out["linearized"] = (jax.jit(lambda hv, t: hv(t)), (hvp_lin, v))
+    return out
 
 
 def measure(w, rounds: int) -> dict:
-    fns, args = compositions(w)
+    fns = compositions(w)
     out = {}
-    for k, fn in fns.items():
+    for k, (fn, args) in fns.items():
         c = fn.lower(*args).compile()
         cost = c.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
@@ -59,9 +67,10 @@ def measure(w, rounds: int) -> dict:
     for r in range(rounds):
         order = list(fns)[r % len(fns) :] + list(fns)[: r % len(fns)]
         for k in order:
+            fn, args = fns[k]
             t0 = time.process_time()
             for _ in range(3):
-                res = fns[k](*args)
+                res = fn(*args)
             jax.block_until_ready(res)
             out[k]["times"].append((time.process_time() - t0) / 3)
     g_flops, g_times = out["grad"]["flops"], list(out["grad"]["times"])

@@ -93,6 +93,21 @@ class CrossEntropy:
         """Labels drawn from ``softmax(outputs)``, one per row."""
         return jax.random.categorical(key, outputs, axis=-1)
 
+    def hessian_sqrt(self, o: jax.Array, t: Any) -> tuple[jax.Array, jax.Array]:
+        """One example's loss Hessian ``m (diag p - p pᵀ)`` (``p = softmax(o)``, ``m = Σ t``,
+        1 for a label) as ``S diag(signs) Sᵀ``, in closed form: ``S = √|m| (diag √p -
+        p √pᵀ)``, since ``(diag √p - p √pᵀ)(diag √p - √p pᵀ) = diag p - p pᵀ`` when
+        ``Σ p = 1``."""
+        p = jax.nn.softmax(o)
+        r = jnp.sqrt(p)
+        m = (
+            jnp.ones((), o.dtype)
+            if jnp.issubdtype(jnp.result_type(t), jnp.integer)
+            else jnp.sum(jnp.asarray(t, o.dtype))
+        )
+        root = jnp.sqrt(jnp.abs(m)) * (jnp.diag(r) - jnp.outer(p, r))
+        return root, jnp.full(o.shape, jnp.sign(m), o.dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class MeanSquaredError:
@@ -129,6 +144,13 @@ class MeanSquaredError:
         d = max(1, int(jnp.size(outputs) // max(1, jnp.shape(outputs)[0])))
         noise = jax.random.normal(key, jnp.shape(outputs), outputs.dtype)
         return outputs + jnp.sqrt(jnp.asarray(d / 2, outputs.dtype)) * noise
+
+    def hessian_sqrt(self, o: jax.Array, t: Any) -> tuple[jax.Array, jax.Array]:
+        """One example's loss Hessian ``(2/D) I`` as ``S diag(signs) Sᵀ``: ``S = √(2/D) I``
+        over the example's ``D`` flattened outputs."""
+        del t
+        d = jnp.size(o)
+        return jnp.sqrt(jnp.asarray(2 / d, o.dtype)) * jnp.eye(d, dtype=o.dtype), jnp.ones(d, o.dtype)
 
 
 cross_entropy = CrossEntropy()
@@ -466,7 +488,11 @@ def _loss_sqrt(loss_fn: Callable, o: jax.Array, t: Any) -> tuple[jax.Array, jax.
     ``S`` (``(D, D)``) its eigenvectors scaled by ``√|eigenvalue|`` and ``s`` the
     eigenvalues' signs (all ``+1`` or ``0`` for a loss convex in its outputs, such as
     cross-entropy and mean-squared error; kept, not clipped, for any other loss, so the
-    GGN stays exactly ``Jᵀ ∇²ℓ J``)."""
+    GGN stays exactly ``Jᵀ ∇²ℓ J``). Any ``S`` with these products gives the same GGN, its
+    diagonal and K-FAC factors: fgrad's losses give theirs in closed form, any other loss
+    by an eigendecomposition of its Hessian."""
+    if type(loss_fn) in (CrossEntropy, MeanSquaredError):  # closed forms; not a subclass,
+        return loss_fn.hessian_sqrt(o, t)  # which may compute another loss
     flat, unravel = ravel_pytree(o)
     h = jax.hessian(lambda f: _per_example(loss_fn)(unravel(f), t))(flat)
     w, u = jnp.linalg.eigh(h)

@@ -75,6 +75,9 @@ def hvp(f: Callable, params: PyTree, v: PyTree, *args: Any, method: HvpMethod = 
     Returns:
       ``H v``, with the structure of ``params``.
 
+    Each call runs the forward and backward passes again; for many products with one
+    Hessian, `fgrad.linearize_grad` runs them once.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> import fgrad
@@ -151,9 +154,29 @@ def _first(pull: Callable, v: Any) -> Any:
     return pull(v)[0]
 
 
-def _checked(lin: Callable, params: Any, v: Any) -> Any:
-    _check_tangent(params, v, "fgrad.linearize_grad: hvp(v)")
-    return lin(_cast_like(params, v))
+class _Checked:
+    """``hvp(v)`` of `linearize_grad`: checks ``v`` against the parameters' structure,
+    shapes and dtypes, held as static data (equal for equal structures, so a jitted
+    function taking an ``hvp`` is not traced again for each new one of the same shapes,
+    and the parameters are not carried as arguments)."""
+
+    def __init__(self, params: Any):
+        leaves, self.tree = jax.tree.flatten(params)
+        self.avals = tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves)
+
+    def _key(self) -> tuple:
+        return (self.tree, self.avals)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Checked) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __call__(self, lin: Callable, v: Any) -> Any:
+        like = jax.tree.unflatten(self.tree, [jax.ShapeDtypeStruct(*a) for a in self.avals])
+        _check_tangent(like, v, "fgrad.linearize_grad: hvp(v)")
+        return lin(_cast_like(like, v))
 
 
 def linearize_grad(
@@ -198,7 +221,7 @@ def linearize_grad(
         raise ValueError(f"{caller}: method must be one of {_HVP_METHODS}, got {method!r}.")
     _checks.require_float_tree(params, caller, "params")
     grads, lin = _linearized(f, params, args, method, caller)
-    return grads, Partial(_checked, lin, params)
+    return grads, Partial(_Checked(params), lin)
 
 
 def flat_hvp(f: Callable, params: Any, args: tuple, caller: str):
