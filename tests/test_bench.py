@@ -88,6 +88,28 @@ def test_failing_case_is_reported_not_fatal(capsys):
     assert lines[2]["status"] == "ok"  # the next case still ran
 
 
+def test_hvps_share_the_gradients_interleaved_rounds(monkeypatch):
+    """The report divides the HVPs' times by the gradient's: they are timed in the same
+    interleaved rounds (one measure_group call), other operations in their own."""
+    groups = []
+
+    def fake_measure_group(runs, sync, **kw):
+        groups.append(sorted(runs))
+        return {k: {"median_s": 1.0} for k in runs}
+
+    monkeypatch.setattr(_worker, "measure_group", fake_measure_group)
+    seed = Workload("seed", "seed", {}, 1)
+    todo = [
+        _cases.Case(seed, op, impl)
+        for op in ("grad", "input_gradient", "hvp", "hvp_linearized")
+        for impl in ("fgrad", "jax")
+    ]
+    args = argparse.Namespace(min_time=0.001, rounds=1)
+    _worker._run_cases(todo, "jax", lambda case: (lambda: None, None), lambda x: x, args)
+    with_grad = [f"seed/{op}/{i}" for op in ("grad", "hvp", "hvp_linearized") for i in ("fgrad", "jax")]
+    assert groups == [sorted(with_grad), ["seed/input_gradient/fgrad", "seed/input_gradient/jax"]]
+
+
 def test_crashed_worker_cases_are_errors():
     bar = bench._Progress(1, io.StringIO(), enabled=False)
     meta, results = bench._run_worker(

@@ -27,6 +27,12 @@ OP_MODULES = (
 LARGE_OPS = ("grad", "microbatch", "input_gradient", "hvp", "hvp_linearized")
 
 
+# Operations whose time the report divides by another's (hvp_over_grad): timed in the same
+# interleaved rounds as that operation, so that drift on a shared machine between the two
+# does not enter the ratio.
+TIMED_WITH = {"hvp": "grad", "hvp_linearized": "grad"}
+
+
 class Unsupported(Exception):
     """A framework cannot run this case (e.g. torch.compile and double backward): reported
     as "unsupported", not as a failure."""

@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-from fgrad.bench._cases import Unsupported, registry
+from fgrad.bench._cases import TIMED_WITH, Unsupported, registry
 from fgrad.bench._measure import measure_group
 from fgrad.bench._registry import Registry
 
@@ -87,14 +87,17 @@ def _fail(rec: dict, e: BaseException) -> None:
 
 def _run_cases(todo, framework: str, build, sync, args, extras=None) -> None:
     """Times the cases, the implementations of one (workload, operation) together with
-    their rounds interleaved (`measure_group`), and emits one record per case.
+    their rounds interleaved (`measure_group`), and emits one record per case. Operations
+    reported as a ratio to another (`TIMED_WITH`: the HVPs to the gradient) join that
+    operation's rounds, so the ratio is not skewed by drift between the two.
 
     ``build(case) -> (run, info)`` makes the no-argument callable; ``extras(info, run)``
     adds what is measured apart from time (FLOPs, memory). An exception is recorded with
     its case, never fatal."""
     groups: dict[tuple, list] = {}
     for case in todo:
-        groups.setdefault((case.workload.name, case.op), []).append(case)
+        op = TIMED_WITH.get(case.op, case.op)
+        groups.setdefault((case.workload.name, op), []).append(case)
     for group in groups.values():
         recs, runs, infos = {}, {}, {}
         for case in group:
