@@ -223,6 +223,23 @@ def test_solve_eigenvalues_and_damping(name):
     np.testing.assert_allclose(eig3, np.linalg.eigvalsh(dense)[::-1][:3], rtol=1e-9)
 
 
+def test_a_bias_shares_its_weights_g_through_jit():
+    """A bias's block is its weight's G itself: a KFAC returned from jit carries each G
+    once (no copy), still shares it after, and solves as before."""
+    _, _, fn, p, x, labels, _ = _make("mlp")
+    k = curvature.kfac(fn, CE, p, x, labels, damping=0.1)
+    back = jax.jit(lambda p, x, y: curvature.kfac(fn, CE, p, x, y, damping=0.1))(p, x, labels)
+    biases = [i for i, a in enumerate(back.a) if a is None]
+    assert biases and all(back.g[i] is back.g[i - 1] for i in biases)
+    n_g = len({id(g) for g in k.g})
+    assert len(jax.tree.leaves(back.g)) == len(back.g)  # the attribute lists every block
+    assert len(jax.tree.leaves(back)) == len(jax.tree.leaves((k.a, k.index, k.damping))) + n_g
+    v = _random_like(p, 2)
+    np.testing.assert_allclose(_flat(back.solve(v)), _flat(k.solve(v)), rtol=1e-10)
+    again = jax.tree.unflatten(jax.tree.structure(back), jax.tree.leaves(back))
+    assert again.paths == k.paths and all(again.g[i] is again.g[i - 1] for i in biases)
+
+
 def test_kfac_over_microbatches_sharded_and_chosen_layers():
     module, fn, _ = _models()["mlp"]
     r = np.random.default_rng(6)
@@ -315,7 +332,7 @@ def test_bench_builders_agree_on_small_workloads():
                 for got, ref in (
                     (ka[2 * i], a_t),
                     (ja[name], a_t),
-                    (kg[2 * i], g_t),
+                    (kg[i], g_t),  # one G per layer: its bias's block shares it
                     (jg[name], g_t),
                 ):
                     ref = ref.numpy()
@@ -330,7 +347,7 @@ def test_bench_builders_agree_on_small_workloads():
             assert ops.APPLIES["kfac_factors_mc"](w)
             for i, (name, a_t) in enumerate(zip(ja, ta, strict=True)):
                 tol = 1e-4 * float(np.abs(jg[name]).max())
-                np.testing.assert_allclose(kg[2 * i], jg[name], atol=tol)
+                np.testing.assert_allclose(kg[i], jg[name], atol=tol)
                 for got in (ka[2 * i], ja[name]):
                     np.testing.assert_allclose(got, a_t.numpy(), atol=1e-4 * float(a_t.abs().max()))
 
