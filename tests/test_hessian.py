@@ -94,7 +94,10 @@ def test_seed_network_full_hessian_matches_torch():
     assert float(h["linear1.weight"]["linear1.weight"].squeeze()) == 128.0
 
 
-def test_hvp_falls_back_where_a_custom_vjp_forbids_forward_mode():
+def _sin_whose_backward_calls_a_custom_vjp():
+    """``sin`` as a custom_vjp whose backward rule calls another custom_vjp (``cos``):
+    the gradient's program holds a custom_vjp, which forward mode refuses."""
+
     @jax.custom_vjp
     def inner(x):
         return jnp.cos(x)
@@ -105,7 +108,12 @@ def test_hvp_falls_back_where_a_custom_vjp_forbids_forward_mode():
     def f(x):
         return jnp.sin(x)
 
-    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * inner(x),))  # bwd uses a custom_vjp
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * inner(x),))
+    return f
+
+
+def test_hvp_falls_back_where_a_custom_vjp_forbids_forward_mode():
+    f = _sin_whose_backward_calls_a_custom_vjp()
     loss = lambda p: jnp.sum(f(p))
     p, v = jnp.array([0.3, 1.2]), jnp.array([1.0, -2.0])
     with pytest.raises(TypeError, match="forward-mode"):
@@ -261,17 +269,7 @@ def test_linearize_grad_in_a_newton_cg_loop_against_a_dense_float64_solve():
 
 
 def test_linearize_grad_falls_back_where_a_custom_vjp_forbids_forward_mode():
-    @jax.custom_vjp
-    def inner(x):
-        return jnp.cos(x)
-
-    inner.defvjp(lambda x: (jnp.cos(x), x), lambda x, g: (-g * jnp.sin(x),))
-
-    @jax.custom_vjp
-    def f(x):
-        return jnp.sin(x)
-
-    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * inner(x),))
+    f = _sin_whose_backward_calls_a_custom_vjp()
     loss = lambda p: jnp.sum(f(p))
     p, v = jnp.array([0.3, 1.2]), jnp.array([1.0, -2.0])
     with pytest.raises(TypeError, match="forward-mode"):

@@ -491,8 +491,9 @@ def _loss_sqrt(loss_fn: Callable, o: jax.Array, t: Any) -> tuple[jax.Array, jax.
     GGN stays exactly ``Jᵀ ∇²ℓ J``). Any ``S`` with these products gives the same GGN, its
     diagonal and K-FAC factors: fgrad's losses give theirs in closed form, any other loss
     by an eigendecomposition of its Hessian."""
-    if type(loss_fn) in (CrossEntropy, MeanSquaredError):  # closed forms; not a subclass,
-        return loss_fn.hessian_sqrt(o, t)  # which may compute another loss
+    # closed forms for fgrad's own losses; not for a subclass, which may compute another
+    if type(loss_fn) is CrossEntropy or type(loss_fn) is MeanSquaredError:
+        return loss_fn.hessian_sqrt(o, t)
     flat, unravel = ravel_pytree(o)
     h = jax.hessian(lambda f: _per_example(loss_fn)(unravel(f), t))(flat)
     w, u = jnp.linalg.eigh(h)
