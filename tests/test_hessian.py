@@ -283,6 +283,23 @@ def test_linearize_grad_falls_back_where_a_custom_vjp_forbids_forward_mode():
         np.testing.assert_allclose([g, hvp(1.0)], [np.cos(1.0), -np.sin(1.0)], rtol=1e-6)
 
 
+def test_a_custom_vjp_on_the_data_leaves_forward_mode_alone():
+    """A custom_vjp that no tangent reaches (applied to the data) does not stop forward
+    mode: method='forward_over_reverse' computes, as plain JAX does."""
+
+    @jax.custom_vjp
+    def clip_grad(x):
+        return x
+
+    clip_grad.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -1, 1),))
+    f = lambda p, x: jnp.sum(jnp.sin(p * clip_grad(x)) ** 2)
+    p, x, v = jnp.array([0.3, 1.0]), jnp.array([1.0, 2.0]), jnp.array([1.0, 0.5])
+    want = jax.jvp(jax.grad(lambda q: f(q, x)), (p,), (v,))[1]
+    for method in ("forward_over_reverse", "auto", "reverse_over_reverse"):
+        assert_tree_allclose(fgrad.hvp(f, p, v, x, method=method), want)
+        assert_tree_allclose(fgrad.linearize_grad(f, p, x, method=method)[1](v), want)
+
+
 def test_linearize_grad_errors():
     p = {"a": jnp.ones(2), "b": jnp.ones(())}
     f = lambda p: jnp.sum(p["a"] ** 2) * p["b"]
@@ -291,6 +308,12 @@ def test_linearize_grad_errors():
         hvp({"a": jnp.ones(2)})
     with pytest.raises(ValueError, match=r"linearize_grad: hvp\(v\): .*v\['a'\] has shape \(3,\)"):
         jax.jit(lambda h, t: h(t))(hvp, {"a": jnp.ones(3), "b": jnp.ones(())})
+    with pytest.raises(TypeError, match=r"linearize_grad: hvp\(v\) takes one argument v"):
+        hvp(p, p)
+    with pytest.raises(TypeError, match=r"linearize_grad: hvp\(v\): v\['a'\] is complex"):
+        hvp({"a": jnp.ones(2, jnp.complex64), "b": jnp.ones(())})
+    with pytest.raises(TypeError, match=r"fgrad\.hvp: v\['a'\] is complex but the parameter"):
+        fgrad.hvp(f, p, {"a": jnp.ones(2, jnp.complex64), "b": jnp.ones(())})
     with pytest.raises(ValueError, match=r"fgrad\.linearize_grad: method must be one of"):
         fgrad.linearize_grad(f, p, method="fwd")
     with pytest.raises(TypeError, match=r"fgrad\.linearize_grad: params .*floating"):

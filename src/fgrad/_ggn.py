@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from fgrad import _checks
-from fgrad._hessian import calls_custom_vjp, flat_hvp
+from fgrad._hessian import flat_hvp, forward_refused
 
 _KINDS = ("empirical", "mc")
 OPERATORS = ("hessian", "ggn", "fisher", "fisher_mc")
@@ -93,11 +93,13 @@ class CrossEntropy:
         """Labels drawn from ``softmax(outputs)``, one per row."""
         return jax.random.categorical(key, outputs, axis=-1)
 
-    def hessian_sqrt(self, o: jax.Array, t: Any) -> tuple[jax.Array, jax.Array]:
+    def _hessian_sqrt(self, o: jax.Array, t: Any) -> tuple[jax.Array, jax.Array]:
         """One example's loss Hessian ``m (diag p - p pᵀ)`` (``p = softmax(o)``, ``m = Σ t``,
         1 for a label) as ``S diag(signs) Sᵀ``, in closed form: ``S = √|m| (diag √p -
         p √pᵀ)``, since ``(diag √p - p √pᵀ)(diag √p - √p pᵀ) = diag p - p pᵀ`` when
-        ``Σ p = 1``."""
+        ``Σ p = 1``. ``o``: one example's logits ``(C,)``."""
+        if jnp.ndim(o) != 1:  # internal: `_loss_sqrt` passes one example at a time
+            raise ValueError(f"cross_entropy's loss Hessian root takes logits (C,), got {jnp.shape(o)}.")
         p = jax.nn.softmax(o)
         r = jnp.sqrt(p)
         m = (
@@ -145,7 +147,7 @@ class MeanSquaredError:
         noise = jax.random.normal(key, jnp.shape(outputs), outputs.dtype)
         return outputs + jnp.sqrt(jnp.asarray(d / 2, outputs.dtype)) * noise
 
-    def hessian_sqrt(self, o: jax.Array, t: Any) -> tuple[jax.Array, jax.Array]:
+    def _hessian_sqrt(self, o: jax.Array, t: Any) -> tuple[jax.Array, jax.Array]:
         """One example's loss Hessian ``(2/D) I`` as ``S diag(signs) Sᵀ``: ``S = √(2/D) I``
         over the example's ``D`` flattened outputs."""
         del t
@@ -219,8 +221,9 @@ class _Linearized:
     def __init__(self, model_fn: Callable, params: Any, x: Any, caller: str):
         _check_model(model_fn, params, x, caller)
         f = lambda p: model_fn(p, x)
-        if not calls_custom_vjp(jax.make_jaxpr(f)(params).jaxpr):
-            out, self.jvp = jax.linearize(f, params)
+        out, jvp = jax.linearize(f, params)
+        if not forward_refused(jax.make_jaxpr(jvp)(params).jaxpr):
+            self.jvp = jvp
             self._vjp = jax.linear_transpose(self.jvp, params)
         else:  # a custom_vjp refuses forward mode: the JVP is the transpose of the VJP
             out, self._vjp = jax.vjp(f, params)
@@ -493,7 +496,7 @@ def _loss_sqrt(loss_fn: Callable, o: jax.Array, t: Any) -> tuple[jax.Array, jax.
     by an eigendecomposition of its Hessian."""
     # closed forms for fgrad's own losses; not for a subclass, which may compute another
     if type(loss_fn) is CrossEntropy or type(loss_fn) is MeanSquaredError:
-        return loss_fn.hessian_sqrt(o, t)
+        return loss_fn._hessian_sqrt(o, t)
     flat, unravel = ravel_pytree(o)
     h = jax.hessian(lambda f: _per_example(loss_fn)(unravel(f), t))(flat)
     w, u = jnp.linalg.eigh(h)

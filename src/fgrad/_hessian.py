@@ -46,15 +46,25 @@ def _check_tangent(params: Any, v: Any, caller: str) -> None:
             f"{caller}: v must have the structure and shapes of params (the primals); "
             f"params is {_checks.describe(params)} but v is {_checks.describe(v)}{where}." + hint
         )
+    pairs = zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(v), strict=True)
+    for (path, p), t in pairs:
+        if jnp.iscomplexobj(t) and not jnp.issubdtype(jnp.result_type(p), jnp.complexfloating):
+            raise TypeError(
+                f"{caller}: v{jax.tree_util.keystr(path)} is complex but the parameter is "
+                "real; H v would drop its imaginary part. Pass the real and the imaginary "
+                "part as two products."
+            )
 
 
-def calls_custom_vjp(jaxpr) -> bool:
-    """Whether ``jaxpr`` (sub-programs included) calls a ``jax.custom_vjp`` function, which
-    JAX refuses to differentiate in forward mode."""
+def forward_refused(jaxpr) -> bool:
+    """Whether forward-mode products through ``jaxpr`` (a JVP or a linearisation, sub-programs
+    included) would fail: JAX leaves a ``custom_lin`` where a tangent reaches a
+    ``jax.custom_vjp`` function (one that only has a backward rule), and refuses to run it
+    forwards. A ``custom_vjp`` that no tangent reaches (applied to data) leaves none."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name.startswith("custom_vjp_call"):
+        if eqn.primitive.name == "custom_lin":
             return True
-        if any(calls_custom_vjp(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
+        if any(forward_refused(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
             return True
     return False
 
@@ -106,9 +116,15 @@ def _hvp(f: Callable, params: Any, v: Any, args: tuple, method: str, caller: str
         )
         return jax.grad(dot)(params)
 
-    if _goes_reverse(grad, params, method, caller):
+    if method == "reverse_over_reverse":
         return reverse()
-    return jax.jvp(grad, (params,), (_cast_like(params, v),))[1]
+    tangent = _cast_like(params, v)
+    fwd = lambda p, t: jax.jvp(grad, (p,), (t,))[1]
+    closed, shape = jax.make_jaxpr(fwd, return_shape=True)(params, tangent)
+    if _refused(closed.jaxpr, method, caller):
+        return reverse()
+    out = jcore.jaxpr_as_fun(closed)(*jax.tree.leaves((params, tangent)))
+    return jax.tree.unflatten(jax.tree.structure(shape), out)
 
 
 def _grad_of(f: Callable, args: tuple, caller: str) -> Callable:
@@ -116,22 +132,19 @@ def _grad_of(f: Callable, args: tuple, caller: str) -> Callable:
     return jax.grad(lambda p: g(p, *args))
 
 
-def _goes_reverse(grad: Callable, params: Any, method: str, caller: str) -> bool:
-    """Whether the HVP of ``grad`` is taken in reverse mode: asked for, or ``"auto"`` where
-    forward mode would meet a ``custom_vjp`` in the gradient's program (one called by
-    another's backward or forward rule), which refuses it; asked for forward mode there,
-    an error that says so (``jax.linearize`` would only fail at the first product)."""
-    if method == "reverse_over_reverse":
-        return True
-    if not calls_custom_vjp(jax.make_jaxpr(grad)(params).jaxpr):
+def _refused(jaxpr: Any, method: str, caller: str) -> bool:
+    """Whether forward mode is refused in ``jaxpr`` (`forward_refused`): then ``"auto"``
+    goes reverse (True), and an explicit ``"forward_over_reverse"`` is an error that says
+    what to do (JAX itself would only fail when a product runs)."""
+    if not forward_refused(jaxpr):
         return False
     if method == "auto":
         return True
     raise TypeError(
-        f"{caller}: method='forward_over_reverse' cannot differentiate the gradient of f: its "
-        "program calls a jax.custom_vjp function (e.g. from another's backward rule), and "
-        "JAX can't apply forward-mode autodiff (jvp) to a custom_vjp function. Use "
-        "method='auto' or 'reverse_over_reverse'."
+        f"{caller}: method='forward_over_reverse' cannot differentiate the gradient of f: a "
+        "tangent reaches a jax.custom_vjp function in it (e.g. one called by another's "
+        "backward rule), and JAX can't apply forward-mode autodiff (jvp) to a custom_vjp "
+        "function. Use method='auto' or 'reverse_over_reverse'."
     )
 
 
@@ -144,10 +157,12 @@ def _linearized(f: Callable, params: Any, args: tuple, method: str, caller: str)
     linearisation of the gradient (forward-over-reverse: ``jax.linearize``; reverse: the
     gradient's VJP, ``Hᵀ v = H v``), both unchecked."""
     grad = _grad_of(f, args, caller)
-    if _goes_reverse(grad, params, method, caller):
-        grads, pull = jax.vjp(grad, params)
-        return grads, Partial(_first, pull)
-    return jax.linearize(grad, params)
+    if method != "reverse_over_reverse":
+        grads, lin = jax.linearize(grad, params)
+        if not _refused(jax.make_jaxpr(lin)(params).jaxpr, method, caller):
+            return grads, lin
+    grads, pull = jax.vjp(grad, params)
+    return grads, Partial(_first, pull)
 
 
 def _first(pull: Callable, v: Any) -> Any:
@@ -155,10 +170,11 @@ def _first(pull: Callable, v: Any) -> Any:
 
 
 class _Checked:
-    """``hvp(v)`` of `linearize_grad`: checks ``v`` against the parameters' structure,
-    shapes and dtypes, held as static data (equal for equal structures, so a jitted
-    function taking an ``hvp`` is not traced again for each new one of the same shapes,
-    and the parameters are not carried as arguments)."""
+    """``hvp(v)`` of `linearize_grad`: checks ``v`` against the parameters' structure and
+    shapes and casts it to their dtypes, which it holds as static data (compared by value,
+    and the parameters are not carried as arguments). The linearisation itself carries
+    its program in its structure: ``hvp``s made by one jitted function share a structure,
+    ``hvp``s made eagerly each have their own."""
 
     def __init__(self, params: Any):
         leaves, self.tree = jax.tree.flatten(params)
@@ -173,10 +189,13 @@ class _Checked:
     def __hash__(self) -> int:
         return hash(self._key())
 
-    def __call__(self, lin: Callable, v: Any) -> Any:
+    def __call__(self, lin: Callable, *v: Any) -> Any:
+        caller = "fgrad.linearize_grad: hvp(v)"
+        if len(v) != 1:
+            raise TypeError(f"{caller} takes one argument v shaped like params, got {len(v)}.")
         like = jax.tree.unflatten(self.tree, [jax.ShapeDtypeStruct(*a) for a in self.avals])
-        _check_tangent(like, v, "fgrad.linearize_grad: hvp(v)")
-        return lin(_cast_like(like, v))
+        _check_tangent(like, v[0], caller)
+        return lin(_cast_like(like, v[0]))
 
 
 def linearize_grad(
@@ -206,7 +225,10 @@ def linearize_grad(
     Returns:
       ``(grads, hvp)``: the gradient, with the structure of ``params``, and ``hvp(v)``,
       which takes ``v`` shaped like ``params``. ``hvp`` is a ``jax.tree_util.Partial``,
-      a pytree: pass it into and out of ``jax.jit`` functions and ``lax`` loops.
+      a pytree: return it from a jitted function and pass it to others, or close over it
+      in ``lax`` loops. Its structure includes the linearised program, so make it inside
+      ``jit`` (``hvp``s made by one jitted function share a structure; each made eagerly
+      has its own, and a jitted function taking it compiles again).
 
     Examples:
       >>> import jax.numpy as jnp

@@ -49,6 +49,7 @@ _FISHERS = ("ggn", "empirical", "mc")
 _APPROX = ("expand", "reduce")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KFAC:
     """A block-diagonal Kronecker-factored curvature operator over ``params``.
@@ -115,7 +116,7 @@ class KFAC:
         return self._tree(out, v)
 
     def _eigh(self):
-        done: dict[int, Any] = {}  # a bias shares its weight's G: decomposed once
+        done: dict[int, Any] = {}  # a bias's block holds its weight's G: decomposed once
 
         def eigh(x):
             if id(x) not in done:
@@ -166,35 +167,6 @@ class KFAC:
         return jax.vmap(lambda e: ravel_pytree(self.matvec(unravel(e)))[0])(
             jnp.eye(flat.size, dtype=flat.dtype)
         ).T
-
-
-_STATIC = ("leaves", "paths", "uncovered", "treedef", "shapes")
-
-
-def _kfac_flatten(k: KFAC):
-    """A bias's block holds the very ``G`` of its weight: flattened once, so a KFAC
-    returned from ``jit`` is not two copies of it (nor decomposed twice after)."""
-    unique: list[Any] = []
-    where = []
-    for g in k.g:
-        j = next((i for i, u in enumerate(unique) if u is g), None)
-        if j is None:
-            unique.append(g)
-            j = len(unique) - 1
-        where.append(j)
-    children = (k.a, tuple(unique), k.index, k.damping)
-    keys = [jax.tree_util.GetAttrKey(n) for n in ("a", "g", "index", "damping")]
-    return list(zip(keys, children, strict=True)), (tuple(where), *(getattr(k, n) for n in _STATIC))
-
-
-def _kfac_unflatten(aux, children) -> KFAC:
-    where, *static = aux
-    a, unique, index, damping = children
-    g = tuple(unique[j] for j in where)
-    return KFAC(a, g, index, damping, **dict(zip(_STATIC, static, strict=True)))
-
-
-jax.tree_util.register_pytree_with_keys(KFAC, _kfac_flatten, _kfac_unflatten)
 
 
 def _positive_damping(lam: Any, caller: str) -> None:
