@@ -208,6 +208,20 @@ def test_hvp_of_python_floats_both_methods():
 # --- linearize_grad: the gradient and the Hessian as a function ------------------------------
 
 
+def test_linearize_grad_is_pytorchs_retained_double_backward_graph(mlp):
+    """PyTorch's way to many products with one Hessian: the gradient with
+    create_graph=True, then autograd.grad through it with retain_graph=True per vector."""
+    ps, x, y, v, params, args = mlp
+    leaves = [p.detach().clone().requires_grad_() for p in ps]
+    g_t = torch.autograd.grad(torch_mlp_fn(x, y)(*leaves), leaves, create_graph=True)
+    g, hvp = fgrad.linearize_grad(jax_mlp_fn, params, *args)
+    assert_tree_allclose(g, [t.detach() for t in g_t], rtol=1e-5, atol=1e-6)
+    for scale in (1.0, -0.5, 3.0):
+        vs = [scale * t for t in v]
+        want = torch.autograd.grad(g_t, leaves, grad_outputs=vs, retain_graph=True)
+        assert_tree_allclose(hvp([from_torch(t) for t in vs]), list(want), rtol=1e-4, atol=1e-5)
+
+
 def test_linearize_grad_matches_torch_gradient_and_hvp(mlp):
     ps, x, y, v, params, args = mlp
     f_t = torch_mlp_fn(x, y)
