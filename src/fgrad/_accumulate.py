@@ -195,12 +195,19 @@ def accumulate(
             raise TypeError(f"{caller}: count(microbatch) must return a scalar, got {w.shape}.")
         return w, jnp.reshape(value, ()).astype(value_dt) * w, g
 
+    # Every example counting once (no count=), the total weight is the batch size, known
+    # now: each micro-batch's gradient is scaled as it is added (PyTorch's (loss / k)
+    # .backward()), which fuses into the loop's sum, instead of one division per leaf
+    # after the loop (one more kernel per parameter on a GPU).
+    known_total = n if count is None else None
+    scaled = lambda w: w if known_total is None else w / jnp.asarray(known_total, value_dt)
+
     def body(carry, i):
         total_w, total_v, acc = carry
         mb = index(i)
         one = lambda mb: weighted(mb, m)
         w, v, g = (canonical_convs(one) if rewrite_convs else one)(mb)
-        return (total_w + w, total_v + v, add_into(acc, g, w)), None
+        return (total_w + w, total_v + v, add_into(acc, g, scaled(w))), None
 
     zero = jnp.zeros((), value_dt)
     (total_w, total_v, sums), _ = jax.lax.scan(
@@ -208,9 +215,13 @@ def accumulate(
     )
     if r:
         w, v, g = weighted(jax.tree.map(lambda x: x[k * m :], batch), r)
-        total_w, total_v, sums = total_w + w, total_v + v, add_into(sums, g, w)
-    mean = jax.tree.map(
-        lambda s: s if is_hole(s) else s / total_w.astype(s.dtype), sums, is_leaf=is_hole
+        total_w, total_v, sums = total_w + w, total_v + v, add_into(sums, g, scaled(w))
+    mean = (
+        sums
+        if known_total is not None
+        else jax.tree.map(
+            lambda s: s if is_hole(s) else s / total_w.astype(s.dtype), sums, is_leaf=is_hole
+        )
     )
     # Summed in value_dt (float32 at least), returned in the loss's own dtype.
     value = (total_v / total_w).astype(loss_dt)
