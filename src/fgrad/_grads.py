@@ -217,16 +217,6 @@ def zero_grad(
     return jax.tree.map(fresh, mask, old, params)
 
 
-def _describe(tree: Any) -> str:
-    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
-        return f"an array of shape {tuple(tree.shape)} and dtype {tree.dtype}"
-    if isinstance(tree, dict):
-        return f"a dict with keys {sorted(map(str, tree))}"
-    if isinstance(tree, (list, tuple)):
-        return f"a {type(tree).__name__} of length {len(tree)}"
-    return f"a {type(tree).__name__}"
-
-
 def check_grads(params: Any, grads: Any, caller: str) -> None:
     """``grads`` has the structure and shapes of ``params`` (``None`` or `NoGrad` standing
     for any leaf; ``None`` where ``params`` holds ``None``), and the leaves it trains are
@@ -241,8 +231,8 @@ def check_grads(params: Any, grads: Any, caller: str) -> None:
             where = " has other container types than expected"
         raise ValueError(
             f"{caller}: grads must have the structure and shapes of params (None at frozen "
-            f"leaves), but grads{where}: params is {_describe(params)}, grads is "
-            f"{_describe(grads)}. Make it with fgrad.zero_grad(params, trainable=...)."
+            f"leaves), but grads{where}: params is {_checks.describe(params)}, grads is "
+            f"{_checks.describe(grads)}. Make it with fgrad.zero_grad(params, trainable=...)."
         ) from None
     paths = [
         jax.tree_util.keystr(k)
@@ -253,7 +243,7 @@ def check_grads(params: Any, grads: Any, caller: str) -> None:
             if g is not None:
                 raise ValueError(
                     f"{caller}: params{path} is None, so grads{path} must be None too, got "
-                    f"{_describe(g)}."
+                    f"{_checks.describe(g)}."
                 )
             continue
         if is_hole(g):
@@ -261,7 +251,7 @@ def check_grads(params: Any, grads: Any, caller: str) -> None:
         if not (hasattr(g, "shape") and hasattr(g, "dtype")):
             raise ValueError(
                 f"{caller}: grads{path} must be an array, None (frozen) or fgrad.NoGrad() "
-                f"(no gradient yet), as params{path} is {_describe(p)}; got {_describe(g)}. "
+                f"(no gradient yet), as params{path} is {_checks.describe(p)}; got {_checks.describe(g)}. "
                 "Make the accumulator with fgrad.zero_grad(params)."
             )
         if jnp.shape(p) != jnp.shape(g):
@@ -328,15 +318,15 @@ def check_gradient(out: Any, gradient: Any, caller: str) -> None:
         raise ValueError(
             f"{caller}: gradient= must have the structure of fn's output (as "
             f"Tensor.backward(gradient=v) needs v shaped like the tensor), but "
-            f"gradient{where or ' differs'}: the output is {_describe(out)}, gradient is "
-            f"{_describe(gradient)}."
+            f"gradient{where or ' differs'}: the output is {_checks.describe(out)}, gradient is "
+            f"{_checks.describe(gradient)}."
         ) from None
     for (path, o), v in zip(o_leaves, v_leaves, strict=True):
         where = jax.tree_util.keystr(path)
         if not (hasattr(v, "shape") or isinstance(v, (int, float, complex))):
             raise ValueError(
                 f"{caller}: gradient{where} must be an array shaped like the output{where} "
-                f"({_describe(o)}), got {_describe(v)}."
+                f"({_checks.describe(o)}), got {_checks.describe(v)}."
             )
         if not hasattr(v, "shape") or jnp.shape(v) != jnp.shape(o):
             raise ValueError(
