@@ -145,6 +145,29 @@ def test_float32_accumulation_for_bfloat16_params():
     assert err["bf16"] > 1.5 * err["f32"]
 
 
+def test_each_sum_keeps_its_precision():
+    """Scaling each micro-batch's gradient as it is added keeps every running sum's own
+    precision: float64 parameters with a float32 loss sum in float64 (exact shares), and a
+    float16 sum adds whole micro-batch sums and divides once, in float32 (shares of small
+    gradients would fall into float16's subnormals; a batch above float16's range stays
+    finite)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x, p = jnp.asarray(rng.normal(size=(11, 3))), jnp.asarray(rng.normal(size=3))
+        f64 = lambda p, x: jnp.mean((x @ p) ** 2)
+        f32 = lambda p, x: f64(p, x).astype(jnp.float32)
+        _, g = fgrad.accumulate(f32, p, x, microbatch_size=3)
+        np.testing.assert_allclose(g, jax.grad(f64)(p, x), rtol=1e-13)
+    lin = lambda p, b: jnp.mean(b @ p)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(256, 64)) * 1e-4, jnp.float16)
+    _, g = fgrad.accumulate(lin, jnp.zeros(64, jnp.float16), x, microbatch_size=4, accum_dtype=None)
+    want = np.mean(np.asarray(x, np.float64), axis=0)
+    assert np.median(np.abs(np.asarray(g, np.float64) - want) / np.abs(want)) < 1e-2
+    big = jnp.ones((70000, 1), jnp.float16)
+    _, g = fgrad.accumulate(lin, jnp.zeros(1, jnp.float16), big, microbatches=7, accum_dtype=jnp.float16)
+    assert jnp.isfinite(g).all()
+
+
 def test_peak_memory_does_not_grow_with_microbatches():
     """XLA's compiled memory analysis at a fixed micro-batch size of 512: the working
     memory of K=64 is within 1.25x of K=1 (the extra is one gradient-sized buffer, the

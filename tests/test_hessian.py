@@ -314,6 +314,26 @@ def test_a_custom_vjp_on_the_data_leaves_forward_mode_alone():
         assert_tree_allclose(fgrad.linearize_grad(f, p, x, method=method)[1](v), want)
 
 
+def test_the_fallback_runs_the_function_once_and_results_keep_weak_types():
+    """Where forward mode is refused, the decision comes from the traced program (not from
+    running it): a callback inside f fires once per call; and an HVP at Python floats is
+    weakly typed, as jax.jvp of jax.grad's is."""
+    calls = []
+    f = _sin_whose_backward_calls_a_custom_vjp()
+
+    def loss(p):
+        jax.debug.callback(lambda: calls.append(1))
+        return jnp.sum(f(p))
+
+    p, v = jnp.array([0.3, 1.2]), jnp.array([1.0, -2.0])
+    _, hvp = fgrad.linearize_grad(loss, p)
+    assert len(calls) == 1
+    assert_tree_allclose(jax.jit(lambda q: fgrad.linearize_grad(loss, q)[1](v))(p), -jnp.sin(p) * v)
+    assert len(calls) == 2
+    hv = fgrad.hvp(lambda q: q["a"] ** 2 * q["b"], {"a": 3.0, "b": 2.0}, {"a": 1.0, "b": 0.0})
+    assert (hv["b"] * jnp.ones(2, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 def test_linearize_grad_errors():
     p = {"a": jnp.ones(2), "b": jnp.ones(())}
     f = lambda p: jnp.sum(p["a"] ** 2) * p["b"]

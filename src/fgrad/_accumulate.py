@@ -196,18 +196,26 @@ def accumulate(
         return w, jnp.reshape(value, ()).astype(value_dt) * w, g
 
     # Every example counting once (no count=), the total weight is the batch size, known
-    # now: each micro-batch's gradient is scaled as it is added (PyTorch's (loss / k)
-    # .backward()), which fuses into the loop's sum, instead of one division per leaf
-    # after the loop (one more kernel per parameter on a GPU).
+    # now: a 32- or 64-bit running sum takes each micro-batch's gradient scaled by its
+    # share as it is added (PyTorch's (loss / k).backward()), which fuses into the loop's
+    # sum, instead of one division per leaf after the loop (one more kernel per parameter
+    # on a GPU). A half-precision sum adds micro-batch mean gradients unscaled (shares of
+    # small gradients would fall into float16's subnormals, size-weighted sums overflow
+    # its range) and is divided by the number of micro-batches once, in float32.
     known_total = n if count is None else None
-    scaled = lambda w: w if known_total is None else w / jnp.asarray(known_total, value_dt)
+
+    def share(w: Any, size: int) -> Any:
+        """The scale of a micro-batch's gradient, per running sum's dtype."""
+        if known_total is None:
+            return w
+        return lambda dt: size / m if _checks.half_precision(dt) else size / known_total
 
     def body(carry, i):
         total_w, total_v, acc = carry
         mb = index(i)
         one = lambda mb: weighted(mb, m)
         w, v, g = (canonical_convs(one) if rewrite_convs else one)(mb)
-        return (total_w + w, total_v + v, add_into(acc, g, scaled(w))), None
+        return (total_w + w, total_v + v, add_into(acc, g, share(w, m))), None
 
     zero = jnp.zeros((), value_dt)
     (total_w, total_v, sums), _ = jax.lax.scan(
@@ -215,14 +223,17 @@ def accumulate(
     )
     if r:
         w, v, g = weighted(jax.tree.map(lambda x: x[k * m :], batch), r)
-        total_w, total_v, sums = total_w + w, total_v + v, add_into(sums, g, scaled(w))
-    mean = (
-        sums
-        if known_total is not None
-        else jax.tree.map(
-            lambda s: s if is_hole(s) else s / total_w.astype(s.dtype), sums, is_leaf=is_hole
-        )
-    )
+        total_w, total_v, sums = total_w + w, total_v + v, add_into(sums, g, share(w, r))
+
+    def mean(s):
+        if is_hole(s) or (known_total is not None and not _checks.half_precision(s.dtype)):
+            return s
+        # in float32 at least: the total may exceed float16's range
+        wide = jnp.float32 if _checks.half_precision(s.dtype) else s.dtype
+        total = total_w.astype(wide) if known_total is None else known_total / m
+        return (s.astype(wide) / total).astype(s.dtype)
+
+    means = jax.tree.map(mean, sums, is_leaf=is_hole)
     # Summed in value_dt (float32 at least), returned in the loss's own dtype.
     value = (total_v / total_w).astype(loss_dt)
-    return value, add_into(grads, mean, live=live, like=params)
+    return value, add_into(grads, means, live=live, like=params)

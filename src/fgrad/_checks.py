@@ -152,7 +152,7 @@ def describe(tree: Any) -> str:
         return f"a Python {type(x).__name__}"
 
     if isinstance(tree, (list, tuple)):
-        kinds = sorted({type(x).__name__ for x in tree})
+        kinds = sorted({"array" if hasattr(x, "shape") else type(x).__name__ for x in tree})
         inner = f" of {', '.join(kinds)}" if kinds and len(kinds) <= 2 else ""
         return f"a {type(tree).__name__} of {len(tree)} item(s){inner}"
     if isinstance(tree, dict):

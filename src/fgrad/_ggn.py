@@ -221,9 +221,9 @@ class _Linearized:
     def __init__(self, model_fn: Callable, params: Any, x: Any, caller: str):
         _check_model(model_fn, params, x, caller)
         f = lambda p: model_fn(p, x)
-        out, jvp = jax.linearize(f, params)
-        if not forward_refused(jax.make_jaxpr(jvp)(params).jaxpr):
-            self.jvp = jvp
+        jvp_program = jax.make_jaxpr(lambda p: jax.jvp(f, (p,), (p,))[1])(params).jaxpr
+        if not forward_refused(jvp_program):  # traced, not run
+            out, self.jvp = jax.linearize(f, params)
             self._vjp = jax.linear_transpose(self.jvp, params)
         else:  # a custom_vjp refuses forward mode: the JVP is the transpose of the VJP
             out, self._vjp = jax.vjp(f, params)

@@ -386,13 +386,17 @@ def value_and_grad_trainable(fn, params, grads, args, has_aux, caller, gradient=
 
 
 def add_into(grads: Any, g: Any, scale: Any = None, *, live: Any = None, like: Any = None) -> Any:
-    """``grads + scale * g`` leafwise in the accumulator's dtype; ``None`` stays ``None``;
+    """``grads + scale * g`` leafwise in the accumulator's dtype (``scale``: a number, or
+    ``scale(dtype)`` giving one per accumulator dtype); ``None`` stays ``None``;
     a `NoGrad` leaf becomes ``scale * g`` (in ``like``'s dtype, the parameters' or the
     running sums') where ``live`` says the loss reached it, else stays `NoGrad`."""
     if live is None:
         live = jax.tree.map(lambda a: not is_hole(a), grads, is_leaf=is_hole)
     if like is None:
         like = jax.tree.map(lambda a: None if is_hole(a) else a, grads, is_leaf=is_hole)
+
+    def _scale_for(dtype):
+        return scale(dtype) if callable(scale) else scale
 
     def add(acc, d, lv, ref):
         if acc is None:
@@ -401,8 +405,8 @@ def add_into(grads: Any, g: Any, scale: Any = None, *, live: Any = None, like: A
             if not lv:
                 return acc
             d = d.astype(ref.dtype)
-            return d if scale is None else d * jnp.asarray(scale, ref.dtype)
+            return d if scale is None else d * jnp.asarray(_scale_for(ref.dtype), ref.dtype)
         d = d.astype(acc.dtype)
-        return acc + (d if scale is None else d * jnp.asarray(scale, acc.dtype))
+        return acc + (d if scale is None else d * jnp.asarray(_scale_for(acc.dtype), acc.dtype))
 
     return jax.tree.map(add, grads, g, live, like, is_leaf=is_hole)

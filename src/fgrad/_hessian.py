@@ -61,7 +61,7 @@ def forward_refused(jaxpr) -> bool:
     included) would fail: JAX leaves a ``custom_lin`` where a tangent reaches a
     ``jax.custom_vjp`` function (one that only has a backward rule), and refuses to run it
     forwards. A ``custom_vjp`` that no tangent reaches (applied to data) leaves none."""
-    for eqn in jaxpr.eqns:
+    for eqn in jaxpr.eqns:  # a dead one counts too: run eagerly, it still raises
         if eqn.primitive.name == "custom_lin":
             return True
         if any(forward_refused(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
@@ -119,12 +119,9 @@ def _hvp(f: Callable, params: Any, v: Any, args: tuple, method: str, caller: str
     if method == "reverse_over_reverse":
         return reverse()
     tangent = _cast_like(params, v)
-    fwd = lambda p, t: jax.jvp(grad, (p,), (t,))[1]
-    closed, shape = jax.make_jaxpr(fwd, return_shape=True)(params, tangent)
-    if _refused(closed.jaxpr, method, caller):
+    if _forward_refused_for(grad, params, method, caller):
         return reverse()
-    out = jcore.jaxpr_as_fun(closed)(*jax.tree.leaves((params, tangent)))
-    return jax.tree.unflatten(jax.tree.structure(shape), out)
+    return jax.jvp(grad, (params,), (tangent,))[1]
 
 
 def _grad_of(f: Callable, args: tuple, caller: str) -> Callable:
@@ -132,11 +129,13 @@ def _grad_of(f: Callable, args: tuple, caller: str) -> Callable:
     return jax.grad(lambda p: g(p, *args))
 
 
-def _refused(jaxpr: Any, method: str, caller: str) -> bool:
-    """Whether forward mode is refused in ``jaxpr`` (`forward_refused`): then ``"auto"``
-    goes reverse (True), and an explicit ``"forward_over_reverse"`` is an error that says
-    what to do (JAX itself would only fail when a product runs)."""
-    if not forward_refused(jaxpr):
+def _forward_refused_for(grad: Callable, params: Any, method: str, caller: str) -> bool:
+    """Whether forward mode is refused through ``grad`` at ``params`` (`forward_refused`
+    of its JVP's program, traced, not run): then ``"auto"`` goes reverse (True), and an
+    explicit ``"forward_over_reverse"`` is an error that says what to do (JAX itself would
+    only fail when a product runs)."""
+    jvp = lambda p: jax.jvp(grad, (p,), (p,))[1]
+    if not forward_refused(jax.make_jaxpr(jvp)(params).jaxpr):
         return False
     if method == "auto":
         return True
@@ -157,12 +156,10 @@ def _linearized(f: Callable, params: Any, args: tuple, method: str, caller: str)
     linearisation of the gradient (forward-over-reverse: ``jax.linearize``; reverse: the
     gradient's VJP, ``Hᵀ v = H v``), both unchecked."""
     grad = _grad_of(f, args, caller)
-    if method != "reverse_over_reverse":
-        grads, lin = jax.linearize(grad, params)
-        if not _refused(jax.make_jaxpr(lin)(params).jaxpr, method, caller):
-            return grads, lin
-    grads, pull = jax.vjp(grad, params)
-    return grads, Partial(_first, pull)
+    if method == "reverse_over_reverse" or _forward_refused_for(grad, params, method, caller):
+        grads, pull = jax.vjp(grad, params)
+        return grads, Partial(_first, pull)
+    return jax.linearize(grad, params)
 
 
 def _first(pull: Callable, v: Any) -> Any:
