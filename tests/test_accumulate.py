@@ -164,7 +164,9 @@ def test_each_sum_keeps_its_precision():
     want = np.mean(np.asarray(x, np.float64), axis=0)
     assert np.median(np.abs(np.asarray(g, np.float64) - want) / np.abs(want)) < 1e-2
     big = jnp.ones((70000, 1), jnp.float16)
-    _, g = fgrad.accumulate(lin, jnp.zeros(1, jnp.float16), big, microbatches=7, accum_dtype=jnp.float16)
+    _, g = fgrad.accumulate(
+        lin, jnp.zeros(1, jnp.float16), big, microbatches=7, accum_dtype=jnp.float16
+    )
     assert jnp.isfinite(g).all()
 
 

@@ -106,7 +106,9 @@ def test_hvps_share_the_gradients_interleaved_rounds(monkeypatch):
     ]
     args = argparse.Namespace(min_time=0.001, rounds=1)
     _worker._run_cases(todo, "jax", lambda case: (lambda: None, None), lambda x: x, args)
-    with_grad = [f"seed/{op}/{i}" for op in ("grad", "hvp", "hvp_linearized") for i in ("fgrad", "jax")]
+    with_grad = [
+        f"seed/{op}/{i}" for op in ("grad", "hvp", "hvp_linearized") for i in ("fgrad", "jax")
+    ]
     assert groups == [sorted(with_grad), ["seed/input_gradient/fgrad", "seed/input_gradient/jax"]]
 
 

@@ -258,7 +258,9 @@ def test_linearize_grad_in_a_newton_cg_loop_against_a_dense_float64_solve():
         @jax.jit
         def newton_direction(p):
             g, hvp = fgrad.linearize_grad(loss, p, xs, ys)
-            dot = lambda a, b: sum(jnp.vdot(u, w) for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+            dot = lambda a, b: sum(
+                jnp.vdot(u, w) for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+            )
             axpy = lambda s, a, b: jax.tree.map(lambda u, w: s * u + w, a, b)
 
             def body(c):
@@ -326,7 +328,7 @@ def test_the_fallback_runs_the_function_once_and_results_keep_weak_types():
         return jnp.sum(f(p))
 
     p, v = jnp.array([0.3, 1.2]), jnp.array([1.0, -2.0])
-    _, hvp = fgrad.linearize_grad(loss, p)
+    fgrad.linearize_grad(loss, p)
     assert len(calls) == 1
     assert_tree_allclose(jax.jit(lambda q: fgrad.linearize_grad(loss, q)[1](v))(p), -jnp.sin(p) * v)
     assert len(calls) == 2

@@ -16,12 +16,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 ).strip()
 
-import jax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from fgrad.bench import _jax_ops  # noqa: E402
-from fgrad.bench._workloads import workloads  # noqa: E402
+from fgrad.bench import _jax_ops
+from fgrad.bench._workloads import workloads
 
 
 def main(rounds: int = 30) -> None:

@@ -99,7 +99,9 @@ class CrossEntropy:
         p √pᵀ)``, since ``(diag √p - p √pᵀ)(diag √p - √p pᵀ) = diag p - p pᵀ`` when
         ``Σ p = 1``. ``o``: one example's logits ``(C,)``."""
         if jnp.ndim(o) != 1:  # internal: `_loss_sqrt` passes one example at a time
-            raise ValueError(f"cross_entropy's loss Hessian root takes logits (C,), got {jnp.shape(o)}.")
+            raise ValueError(
+                f"cross_entropy's loss Hessian root takes logits (C,), got {jnp.shape(o)}."
+            )
         p = jax.nn.softmax(o)
         r = jnp.sqrt(p)
         m = (
@@ -152,7 +154,9 @@ class MeanSquaredError:
         over the example's ``D`` flattened outputs."""
         del t
         d = jnp.size(o)
-        return jnp.sqrt(jnp.asarray(2 / d, o.dtype)) * jnp.eye(d, dtype=o.dtype), jnp.ones(d, o.dtype)
+        return jnp.sqrt(jnp.asarray(2 / d, o.dtype)) * jnp.eye(d, dtype=o.dtype), jnp.ones(
+            d, o.dtype
+        )
 
 
 cross_entropy = CrossEntropy()

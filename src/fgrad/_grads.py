@@ -251,7 +251,8 @@ def check_grads(params: Any, grads: Any, caller: str) -> None:
         if not (hasattr(g, "shape") and hasattr(g, "dtype")):
             raise ValueError(
                 f"{caller}: grads{path} must be an array, None (frozen) or fgrad.NoGrad() "
-                f"(no gradient yet), as params{path} is {_checks.describe(p)}; got {_checks.describe(g)}. "
+                f"(no gradient yet), as params{path} is {_checks.describe(p)}; got "
+                f"{_checks.describe(g)}. "
                 "Make the accumulator with fgrad.zero_grad(params)."
             )
         if jnp.shape(p) != jnp.shape(g):

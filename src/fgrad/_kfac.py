@@ -123,7 +123,9 @@ class KFAC:
                 done[id(x)] = jnp.linalg.eigh(x)
             return done[id(x)]
 
-        return [(None if a is None else eigh(a), eigh(g)) for a, g in zip(self.a, self.g, strict=True)]
+        return [
+            (None if a is None else eigh(a), eigh(g)) for a, g in zip(self.a, self.g, strict=True)
+        ]
 
     def solve(self, v: Any, damping: Any = None, *, power: float = 1.0) -> Any:
         """``(⊕ A ⊗ G + λ I)⁻ᵖ v`` (``p = power``; 1: the inverse, 0.5: the inverse square
