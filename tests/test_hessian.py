@@ -94,9 +94,10 @@ def test_seed_network_full_hessian_matches_torch():
     assert float(h["linear1.weight"]["linear1.weight"].squeeze()) == 128.0
 
 
-def _sin_whose_backward_calls_a_custom_vjp():
-    """``sin`` as a custom_vjp whose backward rule calls another custom_vjp (``cos``):
-    the gradient's program holds a custom_vjp, which forward mode refuses."""
+def _sin_whose_backward_calls_a_custom_vjp(call=lambda inner, x: inner(x)):
+    """``sin`` as a custom_vjp whose backward rule calls another custom_vjp (``cos``, as
+    ``call(inner, x)``): the gradient's program holds a custom_vjp, which forward mode
+    refuses."""
 
     @jax.custom_vjp
     def inner(x):
@@ -108,7 +109,7 @@ def _sin_whose_backward_calls_a_custom_vjp():
     def f(x):
         return jnp.sin(x)
 
-    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * inner(x),))
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * call(inner, x),))
     return f
 
 
@@ -125,18 +126,7 @@ def test_hvp_fallback_is_read_from_the_program_under_jit_vmap_and_scan():
     """The custom_vjp that refuses forward mode sits in a lax.map (a scan) inside another
     custom_vjp's backward rule: found in the gradient's program, sub-programs included,
     also when hvp is traced under jit and vmap."""
-
-    @jax.custom_vjp
-    def inner(x):
-        return jnp.cos(x)
-
-    inner.defvjp(lambda x: (jnp.cos(x), x), lambda x, g: (-g * jnp.sin(x),))
-
-    @jax.custom_vjp
-    def f(x):
-        return jnp.sin(x)
-
-    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jax.lax.map(inner, x),))
+    f = _sin_whose_backward_calls_a_custom_vjp(lambda inner, x: jax.lax.map(inner, x))
     loss = lambda p: jnp.sum(f(p))
     p, vs = jnp.array([0.3, 1.2]), jnp.array([[1.0, -2.0], [0.5, 0.25]])
     expected = -jnp.sin(p) * vs  # H = diag(-sin p)

@@ -74,20 +74,21 @@ def test_state_can_be_donated():
     jax.tree.map(close, st, ref_st)
 
 
-def test_schedule_is_global_as_torch_lr_scheduler():
-    """A learning-rate schedule counts optimizer steps, as a torch LR scheduler does: a
-    head first used at step 3 gets step 3's learning rate (SGD + LambdaLR)."""
+def _lockstep(opt, torch_opt, lr_lambda, uses_h, rtol):
+    """``w`` and a head ``h`` (used at the steps where ``uses_h(t)``) stepped four times by
+    ``fgrad.step(opt)`` and by ``torch_opt`` with ``LambdaLR(lr_lambda)`` on the same loss;
+    the parameters must agree. Returns fgrad's optimizer state."""
     import torch
 
-    p = {"w": jnp.array([1.0, -0.5]), "h": jnp.array([2.0])}
-    opt = optax.sgd(optax.linear_schedule(0.1, 0.0, 4))
+    w0, h0 = np.array([1.0, -0.5], np.float32), np.array([2.0], np.float32)
+    p = {"w": jnp.asarray(w0), "h": jnp.asarray(h0)}
     st = opt.init(p)
-    tw = torch.tensor([1.0, -0.5], requires_grad=True)
-    th = torch.tensor([2.0], requires_grad=True)
-    topt = torch.optim.SGD([tw, th], lr=0.1)
-    tsch = torch.optim.lr_scheduler.LambdaLR(topt, lambda t: max(0.0, 1 - t / 4))
+    tw = torch.tensor(w0, requires_grad=True)
+    th = torch.tensor(h0, requires_grad=True)
+    topt = torch_opt([tw, th], lr=0.1)
+    tsch = torch.optim.lr_scheduler.LambdaLR(topt, lr_lambda)
     for t in range(4):
-        use_h = t >= 2
+        use_h = uses_h(t)
         f = lambda q, use_h=use_h: jnp.sum(q["w"] ** 2) + (jnp.sum(q["h"] ** 3) if use_h else 0.0)
         _, g = fgrad.backward(f, p, grads=fgrad.zero_grad(p))
         p, st = fgrad.step(opt, p, st, g)
@@ -96,8 +97,18 @@ def test_schedule_is_global_as_torch_lr_scheduler():
         topt.step()
         topt.zero_grad()
         tsch.step()
-    np.testing.assert_allclose(p["w"], tw.detach().numpy(), rtol=1e-6)
-    np.testing.assert_allclose(p["h"], th.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(p["w"], tw.detach().numpy(), rtol=rtol)
+    np.testing.assert_allclose(p["h"], th.detach().numpy(), rtol=rtol)
+    return st
+
+
+def test_schedule_is_global_as_torch_lr_scheduler():
+    """A learning-rate schedule counts optimizer steps, as a torch LR scheduler does: a
+    head first used at step 3 gets step 3's learning rate (SGD + LambdaLR)."""
+    import torch
+
+    opt = optax.sgd(optax.linear_schedule(0.1, 0.0, 4))
+    _lockstep(opt, torch.optim.SGD, lambda t: max(0.0, 1 - t / 4), lambda t: t >= 2, 1e-6)
 
 
 def test_adam_count_per_parameter_schedule_global():
@@ -105,26 +116,9 @@ def test_adam_count_per_parameter_schedule_global():
     its learning-rate schedule is global (torch's scheduler), in one optimizer."""
     import torch
 
-    w0, h0 = np.array([1.0, -0.5], np.float32), np.array([2.0], np.float32)
-    p = {"w": jnp.asarray(w0), "h": jnp.asarray(h0)}
     opt = optax.adam(optax.linear_schedule(0.1, 0.02, 4))
-    st = opt.init(p)
-    tw = torch.tensor(w0, requires_grad=True)
-    th = torch.tensor(h0, requires_grad=True)
-    topt = torch.optim.Adam([tw, th], lr=0.1)
-    tsch = torch.optim.lr_scheduler.LambdaLR(topt, lambda t: 1 - 0.8 * min(t, 4) / 4)
-    for t in range(4):
-        use_h = t in (1, 3)
-        f = lambda q, use_h=use_h: jnp.sum(q["w"] ** 2) + (jnp.sum(q["h"] ** 3) if use_h else 0.0)
-        _, g = fgrad.backward(f, p, grads=fgrad.zero_grad(p))
-        p, st = fgrad.step(opt, p, st, g)
-        loss = (tw**2).sum() + ((th**3).sum() if use_h else 0.0)
-        loss.backward()
-        topt.step()
-        topt.zero_grad()
-        tsch.step()
-    np.testing.assert_allclose(p["w"], tw.detach().numpy(), rtol=1e-5)
-    np.testing.assert_allclose(p["h"], th.detach().numpy(), rtol=1e-5)
+    lr = lambda t: 1 - 0.8 * min(t, 4) / 4
+    st = _lockstep(opt, torch.optim.Adam, lr, lambda t: t in (1, 3), 1e-5)
     assert [
         int(c[0]) for c in jax.tree.leaves(st.per_param, is_leaf=lambda x: isinstance(x, tuple))
     ] == [2, 4]
